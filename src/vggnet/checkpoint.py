@@ -1,0 +1,53 @@
+"""Checkpoint files: written atomically, read without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk at any point leaves the previous file at ``path`` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors, numbers, strings, lists, dicts.
+
+    Pickles that would run code (or build arbitrary objects) are refused with an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError on truncated zips, ...
+        raise ValueError(f"cannot read checkpoint {str(path)!r} safely: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}. Only plain tensors and "
+                         "containers are accepted (torch.load weights_only=True)") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
+    return obj

@@ -1,0 +1,105 @@
+"""The ``vggnet`` command: a thin layer mapping subcommands to the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .model import VGGConfig, list_models, resolve_name
+
+
+def _config_from_args(args: argparse.Namespace) -> VGGConfig:
+    arch, bn = resolve_name(args.model)
+    return VGGConfig(arch=arch, batch_norm=bn or args.batch_norm, num_classes=args.num_classes,
+                     width=args.width, crop_size=args.crop_size, in_channels=args.in_channels)
+
+
+def _add_model_args(p: argparse.ArgumentParser, model_default: str | None = "D") -> None:
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-norm", action="store_true", help="add batch norm after every conv")
+    p.add_argument("--width", type=float, default=1.0, help="multiplies every conv and FC width")
+    p.add_argument("--crop-size", type=int, default=224, help="training crop (fc6 kernel = crop/32)")
+    p.add_argument("--in-channels", type=int, default=3)
+
+
+# --- info ----------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_table, summarize
+
+    size = tuple(args.size) if args.size else None
+    if args.model:
+        print(format_table(_config_from_args(args), size))
+        return 0
+    # Table 2 of the paper, plus cost: every column at this size
+    print(f"{'config':<8} {'weight layers':>13} {'parameters':>14} {'mult-adds':>10} {'act. mem':>10}")
+    for arch in ("A", "A-LRN", "B", "C", "D", "E"):
+        args.model = arch
+        cfg = _config_from_args(args)
+        s = summarize(cfg, size)
+        layers = sum(1 for r in s["rows"] if r.kind.startswith(("conv", "FC")))
+        print(f"{cfg.name:<8} {layers:>13} {s['params']:>14,} {s['macs'] / 1e9:>9.2f}G "
+              f"{s['activation_bytes'] / 2**20:>8.1f}Mi")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="paper-style layer table, parameters, multiply-adds, memory",
+                       description="Print the layer table of a configuration (or a summary of all).")
+    p.add_argument("model", nargs="?", help=f"one of {', '.join(list_models())}; omit for all")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the crop size); larger sizes run the head densely")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+
+# --- demo ----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .model import create_model
+
+    args.model, args.size = None, None
+    cmd_info(args)
+    torch.manual_seed(0)
+    for name in ("A", "A-LRN", "B", "C", "D", "E"):
+        model = create_model(name, num_classes=10, width=0.125, crop_size=64).eval()
+        x = torch.randn(2, 3, 64, 64)
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = model(x)
+            dense = model.forward_dense(torch.randn(2, 3, 96, 128))
+        print(f"{name:<6} reduced (width 1/8, crop 64): logits {tuple(logits.shape)}, dense map on "
+              f"96x128 {tuple(dense.shape)}, {1e3 * (time.perf_counter() - t):.1f} ms")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the built-in data")
+    p.set_defaults(func=cmd_demo, num_classes=1000, batch_norm=False, width=1.0, crop_size=224,
+                   in_channels=3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vggnet", description="Build, train, evaluate, import, inspect and deploy VGG networks "
+        "(Simonyan & Zisserman, ICLR 2015).")
+    parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_info):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"vggnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vggnet {args.command}: interrupted", file=sys.stderr)
+        return 130
