@@ -1,0 +1,63 @@
+"""What a set of weights expects of its input pixels, applied on the device in one fused op.
+
+Data pipelines hand over uint8 RGB batches (N, 3, H, W); ``Preprocessing.normalize`` turns
+them into what the first conv was trained on: channel order, value range, mean and std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    channel_order: str = "RGB"  # order the first conv expects: "RGB" or "BGR" (Caffe, Keras)
+    scale: float = 255.0  # value of a white pixel the model expects: 255 (paper, Caffe) or 1 (torchvision)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # in the model's channel order and range
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values (std > 0), got mean={self.mean!r} std={self.std!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 RGB (N, 3, H, W) on any device -> normalised ``dtype`` input for the model."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 RGB images of shape (N, 3, H, W), got {tuple(images.shape)}")
+        if self.channel_order == "BGR":
+            images = images.flip(1)
+        # (x * scale/255 - mean) / std as one multiply-add per pixel: x * a + b
+        std = torch.tensor(self.std, device=images.device)
+        a = (self.scale / 255.0) / std
+        b = -torch.tensor(self.mean, device=images.device) / std
+        out = torch.addcmul(b.view(1, 3, 1, 1), images.to(torch.float32), a.view(1, 3, 1, 1))
+        return out.to(dtype)  # elementwise ops keep the input's memory format (channels_last)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {unknown}; allowed: {sorted(fields)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# The paper's own convention: RGB 0-255 minus the training set's mean RGB (set per run).
+def paper(mean_rgb: tuple[float, float, float]) -> Preprocessing:
+    return Preprocessing("RGB", 255.0, tuple(mean_rgb))
+
+
+# The authors' Caffe release and Keras's VGG16/VGG19 ("caffe" mode): BGR, 0-255, mean pixel.
+CAFFE = Preprocessing("BGR", 255.0, (103.939, 116.779, 123.68))
+# torchvision's vgg*: RGB in [0, 1], ImageNet mean and std.
+TORCHVISION = Preprocessing("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

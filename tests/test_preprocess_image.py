@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vggnet import preprocess
+from vggnet.image import BadImageError, load_rgb, resize_shorter
+
+
+def test_normalize_conventions():
+    x = torch.tensor([[[[0]], [[128]], [[255]]]], dtype=torch.uint8)  # R=0, G=128, B=255
+    caffe = preprocess.CAFFE.normalize(x)[0, :, 0, 0]
+    torch.testing.assert_close(caffe, torch.tensor([255 - 103.939, 128 - 116.779, 0 - 123.68]))
+    tv = preprocess.TORCHVISION.normalize(x)[0, :, 0, 0]
+    expected = (torch.tensor([0, 128, 255]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(tv, expected)
+    own = preprocess.paper((120.0, 110.0, 100.0)).normalize(x)[0, :, 0, 0]
+    torch.testing.assert_close(own, torch.tensor([-120.0, 18.0, 155.0]))
+    p = preprocess.TORCHVISION
+    assert preprocess.Preprocessing.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="'RBG'"):
+        preprocess.Preprocessing("RBG")
+
+
+def _save(tmp_path, name, im, **kw):
+    p = tmp_path / name
+    im.save(p, **kw)
+    return p
+
+
+def test_load_rgb_converts_modes(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    for name, im, kw in [("g.png", rgb.convert("L"), {}), ("p.png", rgb.convert("P"), {}),
+                         ("a.png", rgb.convert("RGBA"), {}), ("c.jpg", rgb.convert("CMYK"), {}),
+                         ("x.jpg", rgb, {})]:
+        out = load_rgb(_save(tmp_path, name, im, **kw))
+        assert out.mode == "RGB" and out.size == (30, 20), name
+    a16 = Image.fromarray(np.full((4, 5), 65535, dtype=np.uint16))
+    assert np.asarray(load_rgb(_save(tmp_path, "w16.png", a16))).min() == 255
+
+
+def test_load_rgb_applies_exif_rotation(tmp_path):
+    im = Image.new("RGB", (40, 20))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    p = tmp_path / "r.jpg"
+    im.save(p, exif=exif)
+    assert load_rgb(p).size == (20, 40)
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (b"hello", "not an image")])
+def test_bad_files(tmp_path, content, reason):
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(content)
+    with pytest.raises(BadImageError, match=reason):
+        load_rgb(p)
+
+
+def test_truncated_and_bomb(tmp_path, monkeypatch):
+    p = _save(tmp_path, "t.jpg", Image.new("RGB", (64, 64), "red"))
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(BadImageError, match="t.jpg: cannot decode"):
+        load_rgb(p)
+    import vggnet.image as image
+
+    monkeypatch.setattr(image, "MAX_PIXELS", 100)
+    with pytest.raises(BadImageError, match="decompression-bomb limit"):
+        load_rgb(_save(tmp_path, "big.png", Image.new("RGB", (20, 20))))
+
+
+def test_resize_shorter():
+    assert resize_shorter(Image.new("RGB", (500, 375)), 256).size == (341, 256)
+    assert resize_shorter(Image.new("RGB", (300, 600)), 256).size == (256, 512)
