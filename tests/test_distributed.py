@@ -96,3 +96,21 @@ def test_two_process_ddp_equals_one_process(tmp_path, compression, tol):
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got[k], v, atol=tol, rtol=tol, msg=k)
     assert not dist.is_initialized()
+
+
+def test_fault_injection_spec(monkeypatch):
+    monkeypatch.setenv(D.FAULT_ENV, "1:x")
+    with pytest.raises(ValueError, match="'RANK:STEP', got '1:x'"):
+        D.maybe_inject_fault(D.DistInfo(1, 2), 3)
+    monkeypatch.setenv(D.FAULT_ENV, "1:3")
+    D.maybe_inject_fault(D.DistInfo(0, 2), 3)  # other rank: nothing happens
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    D.maybe_inject_fault(D.DistInfo(1, 2), 3)  # restarted group: nothing happens
+
+
+def test_torchrun_command():
+    one = D.torchrun_command(["--data", "d"], nproc=2, max_restarts=3)
+    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+                       "--max-restarts=3", "--standalone", "-m", "vggnet", "train", "--data", "d"]
+    multi = D.torchrun_command([], nproc=1, nnodes="2", rdzv_endpoint="127.0.0.1:29400")
+    assert "--rdzv-endpoint=127.0.0.1:29400" in multi and "--standalone" not in multi

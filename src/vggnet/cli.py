@@ -147,13 +147,44 @@ def _add_data(sub) -> None:
     c.set_defaults(func=cmd_data_check)
 
 
+# --- convert -------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    loaded = convert(args.input, args.output, model=args.model, sha256=args.sha256,
+                     prototxt=args.prototxt)
+    c, p = loaded.model.config, loaded.preprocessing
+    prov = loaded.meta.get("provenance", {})
+    print(f"{args.input}: {prov.get('source_format', 'vggnet')} weights, sha256 {prov.get('sha256', '-')}")
+    print(f"  model: VGG {c.name}, width {c.width:g}, {c.num_classes} classes, crop {c.crop_size}")
+    print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, std {list(p.std)}")
+    names = loaded.class_names
+    print(f"  class names: {f'{len(names)} ({names[0]}, {names[1]}, ...)' if names else 'none'}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="import torchvision, Keras or Caffe VGG weights",
+                       description="Convert a torchvision state dict (.pth), Keras VGG16/VGG19 weights "
+                       "(.h5, .weights.h5) or the authors' Caffe release (.caffemodel) into vggnet's "
+                       "safetensors format, with its preprocessing and class names. The format is "
+                       "detected from the file; the model column, width, classes and crop from the shapes.")
+    p.add_argument("input", help="weights file to import")
+    p.add_argument("output", help="safetensors file to write")
+    p.add_argument("--model", help="column to load into (e.g. D, vgg19, C); default: inferred")
+    p.add_argument("--sha256", help="expected SHA-256 of the input (full, or a prefix of >= 8 hex digits)")
+    p.add_argument("--prototxt", help="Caffe deploy .prototxt defining the net (optional)")
+    p.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vggnet", description="Build, train, evaluate, import, inspect and deploy VGG networks "
         "(Simonyan & Zisserman, ICLR 2015).")
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_data):
+    for add in (_add_demo, _add_info, _add_data, _add_convert):
         add(sub)
     return parser
 

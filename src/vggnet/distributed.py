@@ -153,3 +153,39 @@ def broadcast_object(obj, info: DistInfo):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+FAULT_ENV = "VGGNET_FAULT_KILL"  # "RANK:STEP": that rank kills itself at that step (tests)
+
+
+def maybe_inject_fault(info: DistInfo, step: int) -> None:
+    """Fault injection for the restart tests: ``VGGNET_FAULT_KILL=1:5`` makes rank 1 die by
+    SIGKILL when it reaches step 5, on the first attempt only (torchrun counts restarts in
+    TORCHELASTIC_RESTART_COUNT), so the restarted group can finish."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    try:
+        rank, at = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV} must be 'RANK:STEP', got {spec!r}") from None
+    if info.rank == rank and step == at:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def torchrun_command(train_args: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
+                     max_restarts: int = 0, rdzv_id: str | None = None) -> list[str]:
+    """The torchrun command line that runs ``vggnet train TRAIN_ARGS`` in ``nproc`` processes
+    per node. One node: a private rendezvous on a free local port. Several nodes: the c10d
+    rendezvous at ``rdzv_endpoint`` (host:port of any one node), same command on every node."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
+    if rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id or 'vggnet'}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "vggnet", "train", *train_args]
