@@ -178,13 +178,48 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+# --- bench ---------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import ITEMS, Settings, run
+    from .runtime import make_runtime
+
+    s = Settings.quick() if args.quick else Settings()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        s.repeats = args.repeats
+    items = args.items.split(",") if args.items else ITEMS
+    report = run(s, make_runtime(args.device), items)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .bench import ITEMS
+
+    p = sub.add_parser("bench", help="benchmark suite: our defaults against plain PyTorch, same run",
+                       description="Time inference, training and memory with the default runtime "
+                       "against plain float32 NCHW eager PyTorch, in the same run, with the "
+                       "machine's matmul peak. See docs/benchmarks.md.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
+    p.add_argument("--items", help=f"comma-separated subset of {','.join(ITEMS)} (default: all)")
+    p.add_argument("--repeats", type=int, help="timed repetitions per candidate (median reported)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vggnet", description="Build, train, evaluate, import, inspect and deploy VGG networks "
         "(Simonyan & Zisserman, ICLR 2015).")
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_data, _add_convert):
+    for add in (_add_demo, _add_info, _add_data, _add_convert, _add_bench):
         add(sub)
     return parser
 
