@@ -77,3 +77,19 @@ def resize_shorter(im: Image.Image, size: int) -> Image.Image:
     else:
         new = (max(1, round(w * size / h)), size)
     return im.resize(new, Image.BILINEAR, reducing_gap=None)
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    """The central size x size square (the image must be at least that large)."""
+    w, h = im.size
+    if w < size or h < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} from a {w}x{h} image; rescale it first")
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def to_uint8_tensor(im: Image.Image):
+    """RGB PIL image -> uint8 tensor (3, H, W), what ``Preprocessing.normalize`` takes batched."""
+    import torch
+
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
