@@ -72,7 +72,8 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, dense: bool = Fals
     example = torch.randn(2, c, crop + 32 * dense, crop + 64 * dense)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals (pytree)
         torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False, external_data=False,
                           input_names=["image"], output_names=["scores" if dense else "logits"],
                           dynamic_shapes={"x": shapes})
