@@ -14,7 +14,7 @@ import vggnet
 from vggnet import preprocess
 from vggnet.cli import main
 from vggnet.features import layer_taps
-from vggnet.image import resize_shorter, to_uint8_tensor
+from vggnet.transforms import EvalTransform
 from vggnet.weights import LoadedModel, load_model, save_weights
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -37,7 +37,7 @@ def colour_net(tmp_path_factory):
     model = vggnet.create_model("A", num_classes=3, width=1 / 16, crop_size=32, seed=0).eval()
     loaded = LoadedModel(model, PREP, list(COLOURS))
     images = {c: _image(d / f"{c}.png", rgb, seed=i) for i, (c, rgb) in enumerate(COLOURS.items())}
-    feats = layer_taps(loaded, [Image.open(images[c]).convert("RGB") for c in COLOURS], ["relu7"])["relu7"]
+    feats = layer_taps(loaded, [images[c] for c in COLOURS], ["relu7"])["relu7"]
     rows = F.normalize(feats - feats.mean(0), dim=1)
     logits = (feats - feats.mean(0)) @ rows.T
     margin = min(logits[j, j] - logits[j].sort().values[-2] for j in range(3))
@@ -79,11 +79,10 @@ def test_feature_taps(colour_net, tmp_path):
         taps = {k: f.get_tensor(k) for k in f.keys()}
     assert [p.rsplit("/", 1)[-1] for p in meta["paths"]] == ["blue.png", "green.png", "red.png"]
     assert taps["relu1_1"].shape == (3, 4, 32, 32) and taps["relu2_1"].shape == (3, 8, 16, 16)
-    # blue.png (52x40): shorter side to 32 -> 42x32, centre 32x32 crop from x = 5, the file's
-    # preprocessing, conv1_1 + ReLU
+    # blue.png: the evaluation crop (shorter side 32, centre 32x32), the file's preprocessing
+    # (mean RGB), conv1_1 + ReLU
     model = load_model(weights).model
-    im = resize_shorter(Image.open(images["blue"]).convert("RGB"), 32)
-    x = to_uint8_tensor(im)[None, :, :, 5:37].float() - torch.tensor(PREP.mean).view(1, 3, 1, 1)
+    x = torch.from_numpy(EvalTransform(32, 32)(images["blue"]).copy()).permute(2, 0, 1)[None].float() - torch.tensor(PREP.mean).view(1, 3, 1, 1)
     expected = F.relu(F.conv2d(x, model.features.conv1_1.weight, model.features.conv1_1.bias, padding=1))
     torch.testing.assert_close(taps["relu1_1"][0:1], expected)
 
@@ -101,7 +100,7 @@ def test_transfer_descriptor_follows_appendix_b(colour_net, tmp_path):
     c = model.classifier
     descriptor = torch.zeros(256)
     for q in (32, 40):
-        x = to_uint8_tensor(resize_shorter(Image.open(images["green"]).convert("RGB"), q))[None].float()
+        x = torch.from_numpy(EvalTransform(q, None)(images["green"]).copy()).permute(2, 0, 1)[None].float()
         for img in (x, x.flip(-1)):
             pool5 = model.features(img - torch.tensor(PREP.mean).view(1, 3, 1, 1))
             fc6 = F.relu(F.conv2d(pool5, c.fc6.weight[:, :, None, None], c.fc6.bias))

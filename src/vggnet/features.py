@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .image import center_crop, load_rgb, resize_shorter, to_uint8_tensor
+from .predict import chw
 from .runtime import Runtime, make_runtime
+from .transforms import EvalTransform
 from .weights import LoadedModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -48,24 +48,25 @@ def default_transfer_scales(crop_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def layer_taps(loaded: LoadedModel, images: Sequence[Image.Image], layers: Sequence[str],
+def layer_taps(loaded: LoadedModel, paths: Sequence[str | os.PathLike], layers: Sequence[str],
                size: int | None = None, runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
     """Outputs of ``layers`` (e.g. relu1_2, relu2_2, relu3_3, relu4_3) for size x size centre
-    crops (default: the crop size), as float32 CPU tensors (N, C, h, w); FC taps are (N, C)
-    at the crop size and score maps at larger sizes."""
+    crops of the images rescaled to shorter side ``size`` (default: the crop size), as float32
+    CPU tensors (N, C, h, w); FC taps are (N, C) at the crop size, maps at larger sizes."""
     rt = runtime or make_runtime()
     model = loaded.model.eval()
     rt.prepare(model)
     crop = model.config.crop_size
     size = size or crop
-    batch = torch.stack([to_uint8_tensor(center_crop(resize_shorter(im, size), size)) for im in images])
+    transform = EvalTransform(size, size)
+    batch = torch.cat([chw(transform(p)) for p in paths])
     with rt.autocast():
         taps = model.extract(loaded.preprocessing.normalize(rt.input(batch)), layers, dense=size != crop)
     return {k: v.float().cpu() for k, v in taps.items()}
 
 
 @torch.no_grad()
-def transfer_features(loaded: LoadedModel, images: Sequence[Image.Image],
+def transfer_features(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
                       scales: Sequence[int] | None = None, flip: bool = True,
                       runtime: Runtime | None = None) -> torch.Tensor:
     """Appendix B descriptors (N, 4096*width): dense relu7, averaged over locations, flips and
@@ -77,11 +78,12 @@ def transfer_features(loaded: LoadedModel, images: Sequence[Image.Image],
     if min(scales) < model.config.crop_size:
         raise ValueError(f"transfer scales must be at least the crop size {model.config.crop_size} "
                          f"(dense evaluation), got {scales}")
+    whole = [EvalTransform(q, None) for q in scales]
     out = []
-    for im in images:
+    for path in paths:
         total = torch.zeros(model.config.fc_width)
-        for q in scales:
-            x = to_uint8_tensor(resize_shorter(im, q))[None]
+        for transform in whole:
+            x = chw(transform(path))
             x = torch.cat([x, x.flip(-1)]) if flip else x
             with rt.autocast():
                 fmap = model.extract(loaded.preprocessing.normalize(rt.input(x)), [TRANSFER_LAYER], dense=True)
@@ -90,19 +92,19 @@ def transfer_features(loaded: LoadedModel, images: Sequence[Image.Image],
     return torch.nn.functional.normalize(torch.stack(out), dim=1)
 
 
-def extract_files(loaded: LoadedModel, paths: Sequence[Path], layers: Sequence[str] | None = None,
+def extract_files(loaded: LoadedModel, paths: Sequence[str | os.PathLike], layers: Sequence[str] | None = None,
                   size: int | None = None, scales: Sequence[int] | None = None, batch_size: int = 16,
                   runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
-    """Taps for ``layers``, or (``layers`` None) the transfer descriptor under "features", for
-    image files, a batch of decoded images at a time."""
+    """Taps for ``layers``, or (``layers`` None) the transfer descriptor under "features",
+    ``batch_size`` images at a time. An unreadable image raises ``BadImageError`` naming it."""
     rt = runtime or make_runtime()
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(paths), batch_size):
-        images = [load_rgb(p) for p in paths[start:start + batch_size]]  # BadImageError names the file
+        chunk = paths[start:start + batch_size]
         if layers:
-            got = layer_taps(loaded, images, layers, size=size, runtime=rt)
+            got = layer_taps(loaded, chunk, layers, size=size, runtime=rt)
         else:
-            got = {"features": transfer_features(loaded, images, scales=scales, runtime=rt)}
+            got = {"features": transfer_features(loaded, chunk, scales=scales, runtime=rt)}
         for k, v in got.items():
             parts.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in parts.items()}

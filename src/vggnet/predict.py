@@ -8,6 +8,7 @@ dataset lives in evaluate.py):
 - dense: rescale the shorter side to each scale Q, run the net fully convolutionally on the
   whole image and on its mirror image, average the class score map over locations, then
   average the soft-max posteriors over flips and scales.
+Images are read with the evaluation transform of the data pipeline (``transforms.EvalTransform``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from PIL import Image
 
-from .image import BadImageError, center_crop, load_rgb, resize_shorter, to_uint8_tensor
+from .image import BadImageError
 from .runtime import Runtime, make_runtime
+from .transforms import EvalTransform
 from .weights import LoadedModel
 
 
@@ -36,35 +38,21 @@ def default_resize(crop_size: int) -> int:
     return round(crop_size * 256 / 224)
 
 
+def chw(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array (read-only from PIL) -> (1, 3, H, W) uint8 tensor (a copy)."""
+    return torch.tensor(a).permute(2, 0, 1)[None]
+
+
 @torch.no_grad()
-def class_probabilities(loaded: LoadedModel, images: Sequence[Image.Image], dense: bool = False,
-                        scales: Sequence[int] | None = None, resize: int | None = None,
-                        runtime: Runtime | None = None) -> torch.Tensor:
-    """Soft-max posteriors (N, classes), float32 on the CPU, for RGB PIL images of any size."""
-    rt = runtime or make_runtime()
-    model = rt.prepare(loaded.model.eval())
-    crop = loaded.model.config.crop_size
-
-    def posteriors(pixels: torch.Tensor, dense_pass: bool) -> torch.Tensor:
-        x = loaded.preprocessing.normalize(rt.input(pixels))
-        with rt.autocast():
-            out = loaded.model.forward_dense(x) if dense_pass else model(x)
-        scores = out.float().mean(dim=(2, 3)) if dense_pass else out.float()
-        return scores.softmax(dim=1).cpu()
-
-    if not dense:
-        size = resize or default_resize(crop)
-        batch = torch.stack([to_uint8_tensor(center_crop(resize_shorter(im, size), crop)) for im in images])
-        return posteriors(batch, dense_pass=False)
-    qs = list(scales or [default_resize(crop)])
-    out = []
-    for im in images:
-        total = torch.zeros(loaded.model.config.num_classes)
-        for q in qs:
-            x = to_uint8_tensor(resize_shorter(im, q))[None]
-            total += posteriors(torch.cat([x, x.flip(-1)]), dense_pass=True).mean(dim=0)  # image + mirror
-        out.append(total / len(qs))
-    return torch.stack(out)
+def posteriors(loaded: LoadedModel, pixels: torch.Tensor, dense: bool, runtime: Runtime) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) -> soft-max posteriors (N, classes), float32 on the CPU. Dense:
+    the score map is averaged over locations before the soft-max (the paper's sum-pooling)."""
+    model = loaded.model
+    x = loaded.preprocessing.normalize(runtime.input(pixels))
+    with runtime.autocast():
+        out = model.forward_dense(x) if dense else model(x)
+    scores = out.float().mean(dim=(2, 3)) if dense else out.float()
+    return scores.softmax(dim=1).cpu()
 
 
 def top_k(probs: torch.Tensor, class_names: Sequence[str] | None, k: int) -> list[list[tuple[int, str, float]]]:
@@ -78,26 +66,34 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
             scales: Sequence[int] | None = None, batch_size: int = 16,
             runtime: Runtime | None = None) -> list[Prediction]:
     """Top-k classes for each image file; an unreadable image gets an ``error``, not an exception."""
+    crop = loaded.model.config.crop_size
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    if scales is not None and min(scales) < loaded.model.config.crop_size:
-        raise ValueError(f"dense scales must be at least the crop size {loaded.model.config.crop_size}, "
-                         f"got {list(scales)}")
+    scales = list(scales or [default_resize(crop)])
+    if min(scales) < crop:
+        raise ValueError(f"scales must be at least the crop size {crop}, got {scales}")
     rt = runtime or make_runtime()
+    rt.prepare(loaded.model.eval())
+    centre = EvalTransform(scales[0], crop)
+    whole = [EvalTransform(q, None) for q in scales]
     paths = [str(p) for p in paths]
     results: list[Prediction] = []
     for start in range(0, len(paths), batch_size):
-        good, images = [], []
-        for p in paths[start:start + batch_size]:
-            try:
-                images.append(load_rgb(p))
-                good.append(Prediction(p))
-            except BadImageError as e:  # missing, empty, corrupt, too large: reported, not raised
-                results.append(Prediction(p, error=str(e)))
-        if images:
-            probs = class_probabilities(loaded, images, dense=dense, scales=scales, runtime=rt)
-            for pred, best in zip(good, top_k(probs, loaded.class_names, top), strict=True):
+        decoded: list[tuple[Prediction, torch.Tensor | list[torch.Tensor]]] = []
+        for path in paths[start:start + batch_size]:
+            try:  # missing, empty, corrupt or huge files are reported, not raised
+                inputs = [chw(t(path)) for t in whole] if dense else chw(centre(path))
+            except BadImageError as e:
+                results.append(Prediction(path, error=str(e)))
+                continue
+            results.append(Prediction(path))
+            decoded.append((results[-1], inputs))
+        if dense:  # one image at a time (sizes differ): image and mirror image at every scale
+            for pred, xs in decoded:
+                p = sum(posteriors(loaded, torch.cat([x, x.flip(-1)]), True, rt).mean(0) for x in xs)
+                pred.top = top_k((p / len(xs))[None], loaded.class_names, top)[0]
+        elif decoded:
+            probs = posteriors(loaded, torch.cat([x for _, x in decoded]), False, rt)
+            for (pred, _), best in zip(decoded, top_k(probs, loaded.class_names, top), strict=True):
                 pred.top = best
-            results.extend(good)
-    order = {p: i for i, p in enumerate(paths)}
-    return sorted(results, key=lambda r: order[r.path])
+    return results

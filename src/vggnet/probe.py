@@ -10,30 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .features import extract_files, list_images
+from .data import open_dataset
+from .features import extract_files
 from .runtime import Runtime, make_runtime
 from .weights import LoadedModel
-
-
-def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
-    """root/<class>/<images> -> (paths, labels, classes sorted by name)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise ValueError(f"{str(root)!r} has no class folders; expected {root}/<class>/<image files>")
-    paths, labels = [], []
-    for i, c in enumerate(classes):
-        found = list_images([root / c])
-        paths += found
-        labels += [i] * len(found)
-    return paths, labels, classes
 
 
 @dataclass
@@ -75,16 +59,15 @@ def _accuracy(clf: nn.Linear, mean, std, x: torch.Tensor, y: torch.Tensor) -> fl
 
 def run_probe(loaded: LoadedModel, data: str | os.PathLike, scales: Sequence[int] | None = None,
               weight_decay: float = 1e-3, runtime: Runtime | None = None) -> ProbeResult:
-    """Train on data/train/<class>/*, report accuracy on data/val/<class>/* (same classes)."""
-    data = Path(data)
-    train_paths, train_y, classes = list_image_folder(data / "train")
-    val_paths, val_y, val_classes = list_image_folder(data / "val")
-    if val_classes != classes:
-        raise ValueError(f"train and val class folders differ: {classes} vs {val_classes}")
+    """Train on data/train/<class>/*, report accuracy on data/val/<class>/* (the dataset
+    layouts and checks of ``data.open_dataset``)."""
+    dataset = open_dataset(data)
     rt = runtime or make_runtime()
-    xtr = extract_files(loaded, train_paths, scales=scales, runtime=rt)["features"]
-    xva = extract_files(loaded, val_paths, scales=scales, runtime=rt)["features"]
+    xtr = extract_files(loaded, dataset.train.paths, scales=scales, runtime=rt)["features"]
+    xva = extract_files(loaded, dataset.val.paths, scales=scales, runtime=rt)["features"]
+    train_y, val_y = [c for _, c in dataset.train.samples], [c for _, c in dataset.val.samples]
     ytr, yva = torch.tensor(train_y), torch.tensor(val_y)
+    classes = dataset.class_names
     clf, mean, std = fit_linear_probe(xtr, ytr, len(classes), weight_decay=weight_decay)
     return ProbeResult(classes, _accuracy(clf, mean, std, xtr, ytr), _accuracy(clf, mean, std, xva, yva),
-                       len(train_paths), len(val_paths), clf, mean, std)
+                       len(ytr), len(yva), clf, mean, std)
