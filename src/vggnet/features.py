@@ -28,8 +28,8 @@ TRANSFER_LAYER = "relu7"  # FC7 after ReLU: the paper's 4096-d image descriptor
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Image files named directly, plus every image under named folders (sorted, recursive)."""
-    out: list[Path] = []
-    for item in map(Path, inputs):
+    inputs, out = [Path(i) for i in inputs], []
+    for item in inputs:
         if item.is_dir():
             out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif item.is_file():
