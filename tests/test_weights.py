@@ -4,6 +4,7 @@ import torch
 import vggnet
 from vggnet import preprocess
 from vggnet.checkpoint import atomic_save
+from vggnet.convert import convert
 from vggnet.weights import load_model, load_state_checked, save_weights
 
 
@@ -51,7 +52,12 @@ def test_foreign_and_malicious_files_are_refused(tmp_path):
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="cannot read checkpoint .* safely"):
         load_model(tmp_path / "evil.pt")
-    assert not (tmp_path / "pwned").exists()
+    # the importer reads foreign torch files (torchvision state dicts) the same guarded way
+    torch.save({"features.0.weight": Evil()}, tmp_path / "evil.pth")
+    for path in (tmp_path / "evil.pt", tmp_path / "evil.pth"):
+        with pytest.raises(ValueError, match="cannot read checkpoint .* safely"):
+            convert(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.safetensors").exists()
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ValueError, match="junk.safetensors"):
         load_model(tmp_path / "junk.safetensors")

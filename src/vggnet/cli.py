@@ -82,13 +82,109 @@ def _add_demo(sub) -> None:
                    in_channels=3)
 
 
+# --- data ----------------------------------------------------------------------------------
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from .synthetic import SyntheticSpec, is_made, make_synthetic
+
+    spec = SyntheticSpec(seed=args.seed, train_per_class=args.train_per_class,
+                         val_per_class=args.val_per_class, num_classes=args.classes,
+                         min_side=args.min_side, max_side=args.max_side)
+    cached = is_made(args.dir, spec) and not args.force
+    if not cached:
+        with _progress(spec.count("train") + spec.count("val"), "writing") as bar:
+            make_synthetic(args.dir, spec, workers=args.workers, progress=bar.update, force=args.force)
+    print(f"{'already there (cached):' if cached else 'wrote'} {args.dir}: {spec.count('train')} train / "
+          f"{spec.count('val')} val JPEGs in {spec.num_classes} classes ({', '.join(spec.classes)})")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data import check_dataset, open_dataset
+
+    d = open_dataset(args.dir, args.val_labels)  # layout errors first, before the scan
+    with _progress(len(d.train) + len(d.val), "scanning") as bar:
+        report = check_dataset(d, workers=args.workers, progress=bar.update)
+    print(report.format())
+    return 1 if report.bad else 0
+
+
+def _add_data(sub) -> None:
+    from .synthetic import SyntheticSpec
+
+    p = sub.add_parser("data", help="make the built-in dataset, check a dataset for bad files",
+                       description="Datasets: the built-in synthetic one, and checks of any dataset.")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    d = SyntheticSpec()
+    m = dsub.add_parser("make", help="write the built-in synthetic dataset (JPEG image folders)",
+                        description="Write the built-in dataset: synthetic shapes on cluttered "
+                        "backgrounds, deterministic from --seed, as DIR/train/<class>/*.jpg and "
+                        "DIR/val/<class>/*.jpg. A complete copy with the same settings is reused.")
+    m.add_argument("dir")
+    m.add_argument("--seed", type=int, default=d.seed)
+    m.add_argument("--train-per-class", type=int, default=d.train_per_class)
+    m.add_argument("--val-per-class", type=int, default=d.val_per_class)
+    m.add_argument("--classes", type=int, default=d.num_classes, help="number of classes (2-10)")
+    m.add_argument("--min-side", type=int, default=d.min_side, help="smallest shorter image side")
+    m.add_argument("--max-side", type=int, default=d.max_side, help="largest shorter image side")
+    m.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    m.add_argument("--force", action="store_true", help="regenerate even if a copy is there")
+    m.set_defaults(func=cmd_data_make)
+    c = dsub.add_parser("check", help="list a dataset and scan every file for decoding problems",
+                        description="List a dataset (train/ and val/ class folders, or ImageNet "
+                        "layouts) and decode every file inside a guard; print each bad file with "
+                        "its reason. Exit code 1 if any file is bad.")
+    c.add_argument("dir")
+    c.add_argument("--val-labels", default=None,
+                   help="labels of a flat val folder (LOC_val_solution.csv or the devkit's "
+                   "ILSVRC2012_validation_ground_truth.txt next to meta.mat)")
+    c.add_argument("--workers", type=int, default=None, help="decoding threads")
+    c.set_defaults(func=cmd_data_check)
+
+
+# --- convert -------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    loaded = convert(args.input, args.output, model=args.model, sha256=args.sha256,
+                     prototxt=args.prototxt)
+    c, p = loaded.model.config, loaded.preprocessing
+    prov = loaded.meta.get("provenance", {})
+    print(f"{args.input}: {prov.get('source_format', 'vggnet')} weights, sha256 {prov.get('sha256', '-')}")
+    print(f"  model: VGG {c.name}, width {c.width:g}, {c.num_classes} classes, crop {c.crop_size}")
+    print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, std {list(p.std)}")
+    names = loaded.class_names
+    print(f"  class names: {f'{len(names)} ({names[0]}, {names[1]}, ...)' if names else 'none'}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="import torchvision, Keras or Caffe VGG weights",
+                       description="Convert a torchvision state dict (.pth), Keras VGG16/VGG19 weights "
+                       "(.h5, .weights.h5) or the authors' Caffe release (.caffemodel) into vggnet's "
+                       "safetensors format, with its preprocessing and class names. The format is "
+                       "detected from the file; the model column, width, classes and crop from the shapes.")
+    p.add_argument("input", help="weights file to import")
+    p.add_argument("output", help="safetensors file to write")
+    p.add_argument("--model", help="column to load into (e.g. D, vgg19, C); default: inferred")
+    p.add_argument("--sha256", help="expected SHA-256 of the input (full, or a prefix of >= 8 hex digits)")
+    p.add_argument("--prototxt", help="Caffe deploy .prototxt defining the net (optional)")
+    p.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vggnet", description="Build, train, evaluate, import, inspect and deploy VGG networks "
         "(Simonyan & Zisserman, ICLR 2015).")
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info):
+    for add in (_add_demo, _add_info, _add_data, _add_convert):
         add(sub)
     return parser
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -13,6 +15,7 @@ from PIL import Image, ImageOps
 # Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k). Pillow's
 # own check only warns below 2x its limit; here the warning is an error too.
 MAX_PIXELS = 256_000_000
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class BadImageError(ValueError):
@@ -28,6 +31,32 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
     below that size (much faster for big photos; the result is then resized exactly anyway).
     Grayscale, palette, CMYK, RGBA (alpha dropped) and 16-bit images are converted.
     """
+    return _decode(path, lambda w, h: draft)[0]
+
+
+class Decoded(NamedTuple):
+    image: Image.Image  # 8-bit RGB, upright
+    full_size: tuple[int, int]  # upright (w, h) of the image at full resolution
+    reduction: int  # 1, 2, 4 or 8: full-resolution pixels per decoded pixel (JPEG draft)
+
+
+def load_rgb_reduced(path: str | os.PathLike, shorter: int) -> Decoded:
+    """``load_rgb`` for an image about to be rescaled so that its shorter side is ``shorter``.
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling) only while
+    its shorter side stays >= ``shorter``, so the rescale that follows still shrinks it (and
+    still low-passes it). Callers compute boxes in full-resolution coordinates and divide them
+    by ``reduction``: decoded pixel x covers full-resolution pixels [x*r, (x+1)*r).
+    """
+    def target(w: int, h: int) -> tuple[int, int] | None:
+        r = shorter / min(w, h)
+        return (math.ceil(w * r), math.ceil(h * r)) if r <= 0.5 else None
+
+    return _decode(path, target)
+
+
+def _decode(path: str | os.PathLike, draft_for) -> Decoded:
+    """The one guarded decoder. ``draft_for(w, h)`` -> JPEG draft size or None."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -35,21 +64,28 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                full = im.size
                 if im.width * im.height > MAX_PIXELS:
                     raise BadImageError(path, f"{im.width}x{im.height} pixels exceeds the "
                                         f"decompression-bomb limit of {MAX_PIXELS:,}")
-                if draft is not None and im.format == "JPEG":
-                    im.draft("RGB", draft)
+                size, reduction = draft_for(*full), 1
+                if size is not None and im.format == "JPEG":
+                    im.draft("RGB", size)
+                    reduction = im.decoderconfig[0] if im.decoderconfig else 1
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb8(im)
+                orientation = im.getexif().get(ORIENTATION, 1)
+                if orientation != 1:
+                    if orientation in (5, 6, 7, 8):  # transposes swap width and height
+                        full = full[::-1]
+                    ImageOps.exif_transpose(im, in_place=True)
+                return Decoded(_to_rgb8(im), full, reduction)
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(path, f"decompression bomb refused: {e}") from e
     except Image.UnidentifiedImageError:
         raise BadImageError(path, "not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated, corrupt, unreadable
+    except Exception as e:  # truncated, corrupt, broken EXIF, unreadable: every decoder failure
         raise BadImageError(path, f"cannot decode: {type(e).__name__}: {e}") from e
 
 
@@ -67,13 +103,16 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(w, h) after an isotropic rescale that makes the smaller side ``shorter``."""
+    w, h = size
+    if w <= h:
+        return shorter, max(1, round(h * shorter / w))
+    return max(1, round(w * shorter / h)), shorter
+
+
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:
     """Isotropic rescale so that the smaller side is ``size`` (the paper's S or Q)."""
-    w, h = im.size
-    if min(w, h) == size:
+    if min(im.size) == size:
         return im
-    if w <= h:
-        new = (size, max(1, round(h * size / w)))
-    else:
-        new = (max(1, round(w * size / h)), size)
-    return im.resize(new, Image.BILINEAR, reducing_gap=None)
+    return im.resize(shorter_side_size(im.size, size), Image.BILINEAR, reducing_gap=None)

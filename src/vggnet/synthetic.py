@@ -1,0 +1,262 @@
+"""The built-in dataset: synthetic, generated deterministically from a seed, written to disk.
+
+Ten classes of flat objects (disc, ring, square, bar, triangle, star, cross, hexagon,
+crescent, arrow), each image showing one object of its class at a widely varying scale
+(diameter about 1/4 to 9/10 of the shorter side), position (partly outside the frame at
+times) and rotation, in a random colour or texture, on a cluttered colour background
+(gradients, blotches, lines and small shapes, some of them in front of the object), with
+sensor-like noise, as JPEGs of varying non-square sizes. Colour carries no class
+information; shape does, and some shapes are alike at small sizes (disc / hexagon / ring,
+square / bar), so a small network does not reach 100%.
+
+The images are written as an image-folder tree (DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)
+so that training reads them through exactly the code path of real data. Image i of a split
+depends only on (seed, split, i): generation is parallel and repeatable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("disc", "ring", "square", "bar", "triangle", "star", "cross", "hexagon", "crescent", "arrow")
+SPLITS = {"train": 0, "val": 1}
+MARKER = "synthetic.json"
+VERSION = 1  # bump when the rendering changes, so cached copies are regenerated
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    seed: int = 0
+    train_per_class: int = 500
+    val_per_class: int = 100
+    num_classes: int = 10  # the first N of CLASSES
+    min_side: int = 96  # shorter image side, drawn uniformly from [min_side, max_side]
+    max_side: int = 160
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.num_classes <= len(CLASSES):
+            raise ValueError(f"num_classes must be in [2, {len(CLASSES)}], got {self.num_classes}")
+        if self.train_per_class < 1 or self.val_per_class < 1:
+            raise ValueError(f"need at least one image per class and split, got train "
+                             f"{self.train_per_class}, val {self.val_per_class}")
+        if not 32 <= self.min_side <= self.max_side:
+            raise ValueError(f"image sides must satisfy 32 <= min_side <= max_side, got "
+                             f"{self.min_side}, {self.max_side}")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return CLASSES[: self.num_classes]
+
+    def count(self, split: str) -> int:
+        per = self.train_per_class if split == "train" else self.val_per_class
+        return per * self.num_classes
+
+
+# --- shapes: polygons in unit coordinates (radius about 1), or masks drawn directly ---------------
+def _regular(n: int, phase: float = 0.0) -> np.ndarray:
+    a = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
+    a = np.pi * np.arange(2 * points) / points
+    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+
+POLYGONS = {
+    "square": np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.75,
+    "bar": np.array([[-1, -0.3], [1, -0.3], [1, 0.3], [-1, 0.3]]),
+    "triangle": _regular(3, -np.pi / 2),
+    "star": _star(),
+    "cross": np.array([[-1, -.25], [-.25, -.25], [-.25, -1], [.25, -1], [.25, -.25], [1, -.25],
+                       [1, .25], [.25, .25], [.25, 1], [-.25, 1], [-.25, .25], [-1, .25]]),
+    "hexagon": _regular(6),
+    "arrow": np.array([[-1, -.2], [.2, -.2], [.2, -.6], [1, 0], [.2, .6], [.2, .2], [-1, .2]]),
+}
+
+
+def _place(points: np.ndarray, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    rot = points @ np.array([[c, s], [-s, c]])
+    return [(cx + r * x, cy + r * y) for x, y in rot]
+
+
+def _shape_mask(name: str, size: tuple[int, int], cx: float, cy: float, r: float,
+                angle: float) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    d = ImageDraw.Draw(mask)
+    if name in POLYGONS:
+        d.polygon(_place(POLYGONS[name], cx, cy, r, angle), fill=255)
+    elif name == "disc":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif name == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        q = 0.55 * r
+        d.ellipse([cx - q, cy - q, cx + q, cy + q], fill=0)
+    elif name == "crescent":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        ox, oy = 0.5 * r * math.cos(angle), 0.5 * r * math.sin(angle)
+        q = 0.85 * r
+        d.ellipse([cx + ox - q, cy + oy - q, cx + ox + q, cy + oy + q], fill=0)
+    else:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(CLASSES)}")
+    return mask
+
+
+# --- pictures ---------------------------------------------------------------------------------
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _texture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """A fill for an object: flat colour, stripes of two colours, or a gradient."""
+    kind = rng.integers(3)
+    a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
+    if kind == 0:
+        return Image.new("RGB", (w, h), tuple(int(v) for v in a))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    t = xx * np.cos(theta) + yy * np.sin(theta)
+    if kind == 1:
+        period = rng.uniform(4, 14)
+        t = (np.floor(t / period) % 2)
+    else:
+        t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
+    img = a + t[..., None] * (b - a)
+    return Image.fromarray(img.astype(np.uint8), "RGB")
+
+
+def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Gradient plus low-frequency colour blotches, (h, w, 3) float32."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, 2 * np.pi)
+    t = xx * np.cos(theta) + yy * np.sin(theta)
+    t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
+    a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
+    base = a + t[..., None] * (b - a)
+    gh, gw = rng.integers(3, 8, 2)
+    blotch = Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8), "RGB")
+    blotch = np.asarray(blotch.resize((w, h), Image.BICUBIC), np.float32)
+    mix = rng.uniform(0.2, 0.6)
+    return (1 - mix) * base + mix * blotch
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, n: int) -> None:
+    """Small distractors: lines, ellipses, rectangles and arcs, all smaller than objects."""
+    side = min(w, h)
+    for _ in range(n):
+        kind = rng.integers(4)
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(0.02, 0.09) * side
+        colour = _colour(rng)
+        if kind == 0:
+            length, a = rng.uniform(0.1, 0.5) * side, rng.uniform(0, 2 * np.pi)
+            draw.line([x, y, x + length * math.cos(a), y + length * math.sin(a)], fill=colour,
+                      width=int(rng.integers(1, 4)))
+        elif kind == 1:
+            draw.ellipse([x - r, y - r * rng.uniform(0.4, 1), x + r, y + r], fill=colour)
+        elif kind == 2:
+            draw.rectangle([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=colour)
+        else:
+            start = rng.uniform(0, 360)
+            draw.arc([x - 2 * r, y - 2 * r, x + 2 * r, y + 2 * r], start, start + rng.uniform(60, 270),
+                     fill=colour, width=int(rng.integers(1, 4)))
+
+
+def render(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Image, int, int]:
+    """Image ``index`` of ``split``: (RGB image, class index, JPEG quality)."""
+    rng = np.random.default_rng([spec.seed, SPLITS[split], index])
+    label = index % spec.num_classes
+    short = int(rng.integers(spec.min_side, spec.max_side + 1))
+    long = int(round(short * rng.uniform(1.15, 1.6)))  # never square
+    w, h = (long, short) if rng.random() < 0.65 else (short, long)
+
+    canvas = Image.fromarray(np.clip(_background(rng, w, h), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    n_clutter = int(rng.integers(6, 20))
+    n_front = int(rng.integers(0, 4))
+    _clutter(draw, rng, w, h, n_clutter)
+
+    r = min(w, h) * math.exp(rng.uniform(math.log(0.12), math.log(0.45)))  # object radius
+    cx = rng.uniform(0.5 * r, w - 0.5 * r)  # up to half a radius outside the frame
+    cy = rng.uniform(0.5 * r, h - 0.5 * r)
+    mask = _shape_mask(spec.classes[label], (w, h), cx, cy, r, rng.uniform(0, 2 * np.pi))
+    canvas.paste(_texture(rng, w, h), (0, 0), mask)
+    _clutter(draw, rng, w, h, n_front)  # in front of the object
+
+    pixels = np.asarray(canvas, np.float32)
+    pixels = pixels + rng.normal(0.0, rng.uniform(2, 10), pixels.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return image, label, int(rng.integers(70, 96))
+
+
+def _write(job: tuple[SyntheticSpec, str, str, int]) -> None:
+    spec, root, split, index = job
+    image, label, quality = render(spec, split, index)
+    path = Path(root) / split / spec.classes[label] / f"{spec.classes[label]}_{index:06d}.jpg"
+    image.save(path, quality=quality)
+
+
+def is_made(root: str | os.PathLike, spec: SyntheticSpec) -> bool:
+    """True if ``root`` holds a complete copy of this dataset (the marker is written last)."""
+    marker = Path(root) / MARKER
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == VERSION and meta.get("spec") == dataclasses.asdict(spec)
+
+
+def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(),
+                   workers: int | None = None, progress: Callable[[int], None] | None = None,
+                   force: bool = False) -> bool:
+    """Write the dataset under ``root``; returns False when a complete copy with the same spec
+    was already there (the cache), True when it was generated.
+
+    A folder that is not an earlier copy of this dataset (no marker) is never overwritten.
+    """
+    root = Path(root)
+    if is_made(root, spec) and not force:
+        return False
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).exists() and not (root / ".incomplete").exists():
+            raise ValueError(f"{str(root)!r} exists and is not a vggnet synthetic dataset; "
+                             "choose an empty or new folder")
+        for sub in ("train", "val"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        (root / MARKER).unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".incomplete").touch()
+    for split in SPLITS:
+        for c in spec.classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+    jobs = [(spec, str(root), split, i) for split in SPLITS for i in range(spec.count(split))]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        for job in jobs:
+            _write(job)
+            if progress:
+                progress(1)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_write, jobs, chunksize=64):
+                if progress:
+                    progress(1)
+    meta = {"version": VERSION, "spec": dataclasses.asdict(spec), "classes": list(spec.classes),
+            "counts": {s: spec.count(s) for s in SPLITS},
+            "about": "synthetic shapes on cluttered backgrounds, generated by vggnet.synthetic"}
+    (root / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+    (root / ".incomplete").unlink()
+    return True

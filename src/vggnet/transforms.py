@@ -1,0 +1,225 @@
+"""The paper's input pipeline (Section 3.1), split where it runs fastest.
+
+In data-loader workers, per image, uint8 out (``TrainTransform``, ``EvalTransform``):
+    isotropic rescale so the shorter side is S (fixed, or drawn per image from [Smin, Smax]),
+    random crop, random horizontal flip. The rescale and the crop are one resampling of the
+    crop's source region (``crop_resized``), bit-identical to rescaling the whole image and
+    cropping it, and JPEGs are decoded at reduced size when that still only shrinks them.
+On the device, per batch (``device_batch``):
+    AlexNet's PCA colour shift, then the mean-RGB subtraction of ``preprocess.paper``.
+The statistics both need (mean RGB, PCA of the RGB covariance) come from the training set
+(``compute_stats``) and are stored with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .image import BadImageError, Decoded, load_rgb_reduced, shorter_side_size
+from .preprocess import Preprocessing
+
+PCA_STD = 0.1  # AlexNet: alpha ~ N(0, 0.1) per principal component, per image
+
+
+def crop_resized(decoded: Decoded, shorter: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """Pixels ``box`` = (x0, y0, x1, y1) of the image rescaled to shorter side ``shorter``.
+
+    Computed as one resampling of the box's source region: Pillow's ``resize(box=)`` places
+    every output sample where the full rescale would and takes the filter support from the
+    whole image, so only the crop's pixels are computed and the result is
+    ``resize_shorter(img, shorter).crop(box)`` up to rounding: Pillow may run the two
+    separable passes in the other order for a box, so the 8-bit intermediate rounds
+    differently (values differ by at most 1; about a quarter of them when upscaling).
+    """
+    w, h = decoded.full_size
+    rw, rh = shorter_side_size((w, h), shorter)
+    x0, y0, x1, y1 = box
+    r = decoded.reduction
+    # source coordinates in decoded pixels: full-resolution x * (w / rw), divided by the
+    # draft reduction; products first so the edges are exact (x1 == rw gives exactly w / r)
+    src = (x0 * w / (rw * r), y0 * h / (rh * r), x1 * w / (rw * r), y1 * h / (rh * r))
+    return decoded.image.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src, reducing_gap=None)
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """PIL RGB -> (H, W, 3) uint8; batches of these become (N, 3, H, W) by a permute (a
+    channels_last view, no copy), see ``data.collate``."""
+    return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """One training sample as in the paper: rescale to S, random crop, random flip.
+
+    ``scale`` = (Smin, Smax): S is drawn per image, uniformly from the integers in that range
+    (Smin == Smax is the fixed-S training of the paper). Returns the (crop, crop, 3) uint8 crop
+    and the (3,) PCA colour-shift coefficients alpha for the device (``device_batch``).
+    """
+
+    scale: tuple[int, int] = (256, 256)
+    crop_size: int = 224
+    flip: bool = True
+    pca_std: float = PCA_STD
+
+    def __post_init__(self) -> None:
+        smin, smax = self.scale
+        if not self.crop_size <= smin <= smax:
+            raise ValueError(f"training scale {list(self.scale)} must satisfy crop_size "
+                             f"({self.crop_size}) <= Smin <= Smax; e.g. [256, 512] for crop 224")
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """All random choices for one sample, drawn in a fixed order whatever the image."""
+        s = int(rng.integers(self.scale[0], self.scale[1] + 1))
+        u, v = rng.random(2)
+        flip = bool(rng.random() < 0.5) and self.flip
+        alpha = rng.normal(0.0, self.pca_std, 3).astype(np.float32)
+        return {"s": s, "u": float(u), "v": float(v), "flip": flip, "alpha": alpha}
+
+    def apply(self, path: str | os.PathLike, choice: dict) -> np.ndarray:
+        s, c = choice["s"], self.crop_size
+        decoded = load_rgb_reduced(path, s)
+        rw, rh = shorter_side_size(decoded.full_size, s)
+        x0 = min(int(choice["u"] * (rw - c + 1)), rw - c)
+        y0 = min(int(choice["v"] * (rh - c + 1)), rh - c)
+        img = crop_resized(decoded, s, (x0, y0, x0 + c, y0 + c))
+        if choice["flip"]:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_array(img)
+
+    def __call__(self, path: str | os.PathLike, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        choice = self.draw(rng)
+        return self.apply(path, choice), choice["alpha"]
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Test-time image: rescaled so the shorter side is Q, then the central ``crop_size``
+    square, or (``crop_size=None``) the whole rescaled image for dense evaluation.
+    Returns (H, W, 3) uint8."""
+
+    size: int = 256
+    crop_size: int | None = 224
+
+    def __post_init__(self) -> None:
+        if self.crop_size is not None and self.crop_size > self.size:
+            raise ValueError(f"test scale Q={self.size} is smaller than the crop {self.crop_size}; "
+                             "use Q >= crop size")
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        decoded = load_rgb_reduced(path, self.size)
+        rw, rh = shorter_side_size(decoded.full_size, self.size)
+        if self.crop_size is None:
+            box = (0, 0, rw, rh)
+        else:
+            c = self.crop_size
+            x0, y0 = int(round((rw - c) / 2)), int(round((rh - c) / 2))
+            box = (x0, y0, x0 + c, y0 + c)
+        return to_array(crop_resized(decoded, self.size, box))
+
+
+def default_test_scale(scale: Sequence[int]) -> int:
+    """The paper's single test scale: Q = S for fixed S, the middle of [Smin, Smax] otherwise
+    (Q = 384 for S in [256, 512])."""
+    return (int(scale[0]) + int(scale[1])) // 2
+
+
+# --- dataset statistics -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColorStats:
+    """Pixel statistics of a training set, stored in every checkpoint under "stats".
+
+    mean_rgb: mean R, G, B in 0-255 (subtracted from every pixel, Section 3.1).
+    eigval, eigvec: eigen-decomposition of the 3x3 covariance of RGB values scaled to [0, 1]
+        (AlexNet's convention, also fb.resnet.torch's), largest first; eigvec[:, i] is the
+        i-th eigenvector (columns).
+    """
+
+    mean_rgb: tuple[float, float, float]
+    eigval: tuple[float, float, float]
+    eigvec: tuple[tuple[float, float, float], ...]
+    images: int = 0  # how many training images they were computed from
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eigvec"] = [list(r) for r in self.eigvec]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ColorStats:
+        try:
+            mean, val, vec = d["mean_rgb"], d["eigval"], d["eigvec"]
+        except KeyError as e:
+            raise ValueError(f"colour statistics need mean_rgb, eigval and eigvec; missing {e}") from None
+        if len(mean) != 3 or len(val) != 3 or np.asarray(vec).shape != (3, 3):
+            raise ValueError(f"colour statistics need 3 means, 3 eigenvalues and a 3x3 eigenvector "
+                             f"matrix, got {mean!r}, {val!r}, {vec!r}")
+        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in val),
+                   tuple(tuple(float(v) for v in r) for r in vec), int(d.get("images", 0)))
+
+
+def _image_moments(path: str, shorter: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-image mean (3,) and second moment E[x x^T] (3, 3) of RGB in [0, 1], or None if bad."""
+    try:
+        decoded = load_rgb_reduced(path, shorter)
+    except BadImageError:
+        return None
+    w, h = shorter_side_size(decoded.full_size, shorter)
+    img = crop_resized(decoded, shorter, (0, 0, w, h))
+    x = np.asarray(img, dtype=np.float64).reshape(-1, 3) / 255.0
+    return x.mean(0), x.T @ x / len(x)
+
+
+def compute_stats(paths: Sequence[str], shorter: int = 256, max_images: int = 10_000,
+                  workers: int | None = None) -> ColorStats:
+    """Mean RGB and the PCA of RGB colours over the training images.
+
+    Every image counts equally (as it does in training, one crop per image per epoch), seen
+    at the training scale (shorter side ``shorter``). At most ``max_images`` evenly spaced
+    images are read: the mean of 10,000 ImageNet images is within a fraction of a grey level
+    of the full set's. Unreadable files are left out (the dataset scan reports them).
+    """
+    if not paths:
+        raise ValueError("cannot compute colour statistics from an empty training set")
+    step = max(1, len(paths) / max_images) if max_images else 1
+    picked = [paths[int(i * step)] for i in range(min(len(paths), max_images or len(paths)))]
+    # Pillow releases the GIL while decoding and resizing: threads scale on every core
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+        moments = [m for m in pool.map(lambda p: _image_moments(p, shorter), picked) if m is not None]
+    if not moments:
+        raise ValueError(f"none of the {len(picked)} training images read for the colour "
+                         "statistics could be decoded; run `vggnet data check` on the dataset")
+    mean = np.mean([m for m, _ in moments], axis=0)
+    cov = np.mean([s for _, s in moments], axis=0) - np.outer(mean, mean)
+    val, vec = np.linalg.eigh(cov)  # ascending
+    order = np.argsort(val)[::-1]
+    val, vec = np.clip(val[order], 0.0, None), vec[:, order]
+    return ColorStats(tuple(mean * 255.0), tuple(val), tuple(tuple(r) for r in vec), len(moments))
+
+
+# --- on the device -----------------------------------------------------------------------------
+def color_shift(alpha: torch.Tensor, stats: ColorStats) -> torch.Tensor:
+    """AlexNet's PCA lighting noise: (N, 3) alphas -> (N, 3) RGB offsets in 0-255 units,
+    [p1 p2 p3] [a1*l1, a2*l2, a3*l3]^T with l and p from ``stats`` ([0, 1] units, hence * 255)."""
+    vec = torch.tensor(stats.eigvec, dtype=torch.float32, device=alpha.device)
+    val = torch.tensor(stats.eigval, dtype=torch.float32, device=alpha.device)
+    return 255.0 * (alpha.float() * val) @ vec.T
+
+
+def device_batch(images: torch.Tensor, prep: Preprocessing, dtype: torch.dtype = torch.float32,
+                 alpha: torch.Tensor | None = None, stats: ColorStats | None = None) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) on the device -> model input: the colour shift (training, when
+    ``alpha`` (N, 3) is given) added to the pixels, then ``prep`` (mean-RGB subtraction)."""
+    if alpha is None:
+        return prep.normalize(images, dtype)
+    if stats is None:
+        raise ValueError("a colour shift needs the dataset's ColorStats (eigval, eigvec)")
+    shifted = images.float() + color_shift(alpha, stats).view(-1, 3, 1, 1)
+    return prep.normalize(shifted, dtype)  # normalize is affine, so it applies to shifted pixels too

@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagefiles import good_files, noise_image
+from vggnet import preprocess
+from vggnet.image import load_rgb, load_rgb_reduced, resize_shorter
+from vggnet.synthetic import SyntheticSpec, render
+from vggnet.transforms import (
+    ColorStats,
+    EvalTransform,
+    TrainTransform,
+    color_shift,
+    compute_stats,
+    crop_resized,
+    default_test_scale,
+    device_batch,
+)
+
+
+@pytest.mark.parametrize("size,shorter,box", [((97, 61), 40, (3, 0, 35, 32)), ((61, 97), 80, (0, 47, 32, 79)),
+                                             ((50, 40), 40, (10, 0, 42, 32)), ((33, 90), 120, (88, 200, 120, 232))])
+def test_crop_before_resize_equals_resize_then_crop(tmp_path, size, shorter, box):
+    p = tmp_path / "x.png"
+    noise_image(*size).save(p)
+    full = np.asarray(resize_shorter(load_rgb(p), shorter).crop(box), np.int16)
+    fast = np.asarray(crop_resized(load_rgb_reduced(p, shorter), shorter, box), np.int16)
+    # the same filter at the same sample positions; Pillow may run the two separable passes in
+    # the other order for a box, which rounds the 8-bit intermediate differently: +-1 at most
+    assert np.abs(full - fast).max() <= 1 and np.abs(full - fast).mean() < 0.3
+
+
+def test_reduced_jpeg_decoding_is_used_and_close(tmp_path):
+    p = tmp_path / "big.jpg"
+    render(SyntheticSpec(min_side=300, max_side=300), "train", 3)[0].resize((400, 300)).save(p, quality=90)
+    d = load_rgb_reduced(p, 64)
+    assert d.reduction == 4 and d.image.size == (100, 75) and d.full_size == (400, 300)
+    assert load_rgb_reduced(p, 151).reduction == 1  # 1/2 would give 150 < 151: full decode
+    fast = np.asarray(crop_resized(d, 64, (0, 0, 85, 64)), np.float32)
+    exact = np.asarray(resize_shorter(load_rgb(p), 64), np.float32)
+    assert exact.shape == fast.shape == (64, 85, 3)
+    # DCT-domain 1/4 scaling + bilinear vs bilinear from full size: mean |difference| 0.54 grey
+    # levels here (under 2 on white-noise-like images)
+    assert np.abs(fast - exact).mean() < 1.0
+
+
+def test_exif_rotated_jpeg_reduced_keeps_upright_size(tmp_path):
+    p = good_files(tmp_path, w=160, h=64)["exif_rotated.jpg"]
+    d = load_rgb_reduced(p, 16)
+    assert d.full_size == (160, 64) and d.reduction == 4 and d.image.size == (40, 16)
+
+
+def _coord_image(w, h):
+    """R = x, G = y (in pixels): the colour of a pixel says where it came from."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+
+
+def test_train_transform_scale_crop_flip(tmp_path):
+    p = tmp_path / "coords.png"
+    Image.fromarray(_coord_image(120, 80)).save(p)
+    t = TrainTransform(scale=(40, 80), crop_size=32)
+    rng = np.random.default_rng(0)
+    draws = [t.draw(rng) for _ in range(2000)]
+    s = np.array([d["s"] for d in draws])
+    assert s.min() == 40 and s.max() == 80 and len(np.unique(s)) == 41  # every integer in [Smin, Smax]
+    assert abs(s.mean() - 60) < 1.0
+    assert 0.45 < np.mean([d["flip"] for d in draws]) < 0.55
+    # S = 80 is the image's own shorter side: no rescale, the crop is a window of the image
+    xs, ys = set(), set()
+    for d in draws[:300]:
+        d = dict(d, s=80)
+        out = t.apply(p, d)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        r = out[..., 0].astype(int)
+        x0 = r[0].min()
+        expected_row = np.arange(x0, x0 + 32)[::-1] if d["flip"] else np.arange(x0, x0 + 32)
+        assert np.array_equal(r[0], expected_row)
+        assert np.array_equal(out[:, 0, 1], np.arange(out[0, 0, 1], out[0, 0, 1] + 32))
+        xs.add(x0)
+        ys.add(int(out[0, 0, 1]))
+    assert min(xs) == 0 and max(xs) == 120 - 32 and min(ys) == 0 and max(ys) == 80 - 32
+    # any S: the output is exactly that crop of the image rescaled to S
+    for d in draws[:20]:
+        out = t.apply(p, dict(d, flip=False))
+        big = np.asarray(resize_shorter(load_rgb(p), d["s"]), np.int16)
+        x0, y0 = int(d["u"] * (big.shape[1] - 31)), int(d["v"] * (big.shape[0] - 31))
+        assert np.abs(big[y0:y0 + 32, x0:x0 + 32] - out).max() <= 1, d["s"]
+
+
+def test_train_transform_rejects_crop_larger_than_scale():
+    with pytest.raises(ValueError, match=r"crop_size \(64\) <= Smin"):
+        TrainTransform(scale=(56, 80), crop_size=64)
+
+
+def test_eval_transform_centre_crop_and_whole(tmp_path):
+    p = tmp_path / "coords.png"
+    Image.fromarray(_coord_image(100, 60)).save(p)
+    out = EvalTransform(60, 32)(p)
+    assert out.shape == (32, 32, 3) and out[0, 0, 0] == 34 and out[0, 0, 1] == 14
+    assert EvalTransform(30, None)(p).shape == (30, 50, 3)
+    assert default_test_scale([256, 512]) == 384 and default_test_scale((256, 256)) == 256
+
+
+def _stats():
+    vec = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0]
+    return ColorStats((120.0, 110.0, 100.0), (0.2, 0.02, 0.005), tuple(map(tuple, vec)))
+
+
+def test_colour_shift_statistics():
+    stats = _stats()
+    t = TrainTransform(scale=(32, 32), crop_size=32)
+    rng = np.random.default_rng(0)
+    alpha = torch.from_numpy(np.stack([t.draw(rng)["alpha"] for _ in range(20000)]))
+    assert abs(alpha.std().item() - 0.1) < 0.003 and abs(alpha.mean().item()) < 0.003
+    shift = color_shift(alpha, stats)  # (N, 3), 0-255 units
+    along = shift.double() @ torch.tensor(stats.eigvec, dtype=torch.float64)  # onto eigenvectors
+    expected = 255 * 0.1 * torch.tensor(stats.eigval, dtype=torch.float64)
+    torch.testing.assert_close(along.std(0), expected, rtol=0.03, atol=0)
+    assert shift.mean(0).abs().max() < 0.05 * expected[0]
+
+
+def test_mean_subtraction_and_shift_on_device():
+    stats = _stats()
+    prep = preprocess.paper(stats.mean_rgb)
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    plain = device_batch(x, prep)
+    torch.testing.assert_close(plain, x.float() - torch.tensor(stats.mean_rgb).view(1, 3, 1, 1))
+    alpha = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.0, 0.0]])
+    shifted = device_batch(x, prep, alpha=alpha, stats=stats)
+    torch.testing.assert_close(shifted - plain, color_shift(alpha, stats).view(2, 3, 1, 1).expand_as(plain))
+    assert torch.equal(shifted[1], plain[1])
+
+
+def test_compute_stats_of_two_colours(tmp_path):
+    a, b = np.array([200, 40, 40]), np.array([40, 40, 200])
+    paths = []
+    for i, c in enumerate([a, b] * 3):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), tuple(int(v) for v in c)).save(p)
+        paths.append(str(p))
+    (tmp_path / "bad.png").write_bytes(b"")
+    stats = compute_stats(paths + [str(tmp_path / "bad.png")], shorter=16)
+    assert stats.images == 6
+    np.testing.assert_allclose(stats.mean_rgb, (a + b) / 2, atol=1e-6)
+    # all variance lies along (b - a): one eigenvalue, that eigenvector
+    d = (b - a) / 255.0
+    np.testing.assert_allclose(stats.eigval, [d @ d / 4, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(np.abs(np.array(stats.eigvec)[:, 0]), np.abs(d) / np.linalg.norm(d), atol=1e-9)
+    assert ColorStats.from_dict(stats.to_dict()) == stats
