@@ -217,3 +217,37 @@ def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
         ev.evaluate([wd], samples, CLASSES, device="cpu")
     with pytest.raises(ValueError, match="test scale 20 is smaller than the crop size 32"):
         ev.evaluate([wa], samples, CLASSES, ev.EvalSettings(scales=(20, 40)), device="cpu")
+
+
+def test_cli_evaluates_a_dataset_and_reports_bad_files(tmp_path, capsys):
+    from imagefiles import bad_files, class_tree, good_files
+    from vggnet.checkpoint import atomic_save
+    from vggnet.cli import main
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        class_tree(root, classes=("a", "b", "c"), per_class=2, split=split)
+    good = good_files(root / "val" / "a" / "modes")
+    bad = bad_files(root / "val" / "b")
+    m = _net("B", classes=3)
+    ckpt = tmp_path / "run" / "last.pt"
+    atomic_save({"format": "vggnet.checkpoint/1", "model_config": m.config.to_dict(), "model": m.state_dict(),
+                 "preprocessing": preprocess.paper((120.0, 110.0, 100.0)).to_dict(),
+                 "class_names": ["a", "b", "c"], "train_settings": {"scale": [36, 36], "crop_size": 32}}, ckpt)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(ckpt), "--data", str(root), "--method", "multicrop", "--multi-scale",
+                 "--grid", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "scales: 32,36,41" in text and f"({len(bad)} unreadable, skipped)" in text
+    data = json.loads((out / "results.json").read_text())
+    assert data["images"] == 6 + len(good) and data["scales"] == [[32, 36, 41]]
+    reasons = {p.split("/")[-1]: r for p, r in ((s["path"], s["reason"]) for s in data["skipped"])}
+    assert set(reasons) == set(bad)
+    for name, (_, words) in bad.items():
+        assert words in reasons[name], (name, reasons[name])
+    # a checkpoint trained on other classes: the difference is named, exit code 2
+    atomic_save({"model_config": m.config.to_dict(), "model": m.state_dict(),
+                 "class_names": ["a", "b", "zebra"]}, tmp_path / "other.pt")
+    assert main(["evaluate", str(tmp_path / "other.pt"), "--data", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "vggnet evaluate: error: the dataset's classes differ" in err and "'zebra'" in err and "'c'" in err

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .image import BadImageError, load_rgb, resize_shorter
+from .image import BadImageError, load_rgb_reduced, shorter_side_size
 from .runtime import Runtime, make_runtime
+from .transforms import crop_resized, default_test_scale, to_array
 from .weights import LoadedModel, load_model
 
 METHODS = ("center", "dense", "multicrop", "dense+multicrop")
@@ -49,7 +50,7 @@ class EvalSettings:
     grid: int = 5  # multicrop: grid x grid crops per scale
     batch_size: int = 32  # crop-sized inputs per forward pass; a whole rescaled image counts as
     # (its pixels / crop pixels) inputs, so memory per pass is bounded whatever the image size
-    workers: int | None = None  # decoding processes; None: half the CPU cores, 0: in-process
+    workers: int | None = None  # decoding processes; None: see default_workers, 0: in-process
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,7 +86,7 @@ def default_scales(train_settings: dict | None, crop_size: int, multi_scale: boo
         step = max(1, round(PAPER_SCALE_STEP * crop_size / PAPER_CROP))
         scales = (smin - step, smin, smin + step) if multi_scale else (smin,)
     else:
-        mid = round((smin + smax) / 2)
+        mid = default_test_scale((smin, smax))
         scales = (smin, mid, smax) if multi_scale else (mid,)
     # S - 32 is the crop size itself in the paper; never go below it
     return tuple(sorted({max(crop_size, q) for q in scales}))
@@ -118,10 +119,10 @@ def topk_correct(posteriors: torch.Tensor, labels: torch.Tensor, k: int) -> torc
 
 # --- the input pipeline ---------------------------------------------------------------------
 class RescaledImages(torch.utils.data.Dataset):
-    """Item i: (i, [HWC uint8 tensor per scale]) or (i, reason) for a file that cannot be read.
+    """Item i: (i, [HWC uint8 array per scale]) or (i, reason) for a file that cannot be read.
 
-    Decodes once (JPEG draft decoding down to no less than the largest scale) and rescales
-    from the decoded image to every scale.
+    Decodes once (a JPEG at reduced size where that still only shrinks it to the largest
+    scale) and rescales to every scale exactly as training does (``transforms.crop_resized``).
     """
 
     def __init__(self, paths: Sequence[str], scales: Sequence[int]) -> None:
@@ -131,12 +132,15 @@ class RescaledImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        top = self.scales[-1]
         try:
-            img = load_rgb(self.paths[i], draft=(top, top))
+            decoded = load_rgb_reduced(self.paths[i], self.scales[-1])
         except BadImageError as e:
             return i, e.reason
-        return i, [torch.from_numpy(np.asarray(resize_shorter(img, q)).copy()) for q in self.scales]
+        out = []
+        for q in self.scales:
+            w, h = shorter_side_size(decoded.full_size, q)
+            out.append(to_array(crop_resized(decoded, q, (0, 0, w, h))))
+        return i, out
 
 
 class SizeBuckets:
@@ -153,7 +157,8 @@ class SizeBuckets:
         self.buckets: dict[tuple[int, int], list] = {}
         self.pending = 0
 
-    def add(self, index: int, image: torch.Tensor) -> list[list]:
+    def add(self, index: int, image) -> list[list]:
+        """Queue a (H, W, 3) image; returns the batches that are ready (lists of (index, image))."""
         key = tuple(image.shape[:2])
         bucket = self.buckets.setdefault(key, [])
         bucket.append((index, image))
@@ -178,8 +183,11 @@ def _identity(x):
     return x
 
 
-def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) // 2))
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: on a GPU, up to 8 (the GPU waits on decoding otherwise); on the CPU
+    none, since the model's threads already use every core and extra busy processes make
+    them wait on each other (measured: 5x slower with one worker on 2 cores)."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 @dataclass
@@ -201,7 +209,7 @@ def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequenc
     ``batch_size``: crop-sized inputs per forward pass (see ``EvalSettings``).
     """
     rt = runtime or make_runtime()
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(rt.device) if workers is None else workers
     nets = [rt.prepare(m.model) for m in models]
     for m, qs in zip(models, scales, strict=True):
         crop = m.model.config.crop_size
@@ -224,7 +232,7 @@ def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequenc
     def run(batch: list) -> None:
         idx = torch.tensor([i for i, _ in batch], device=rt.device)
         # (n, H, W, 3) stacked -> (n, 3, H, W), which is already channels_last in memory
-        x = torch.stack([im for _, im in batch]).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.stack([im for _, im in batch])).permute(0, 3, 1, 2)
         x = rt.input(x if rt.channels_last else x.contiguous())
         q = min(x.shape[-2:])
         for mi, (m, net) in enumerate(zip(models, nets, strict=True)):
@@ -420,6 +428,22 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
     return EvalReport(names, settings.method, [list(q) for q in scales], settings.flip, settings.grid,
                       out_names, scores(final, labels, out_names), parts, pred.skipped, pred.seconds,
                       str(rt.device))
+
+
+def list_eval_data(root: str | os.PathLike, split: str = "val", val_labels=None) -> tuple[list, list[str]]:
+    """(samples, class names) to evaluate on: ``split`` of a dataset with train/ and val/ (any
+    layout ``data.open_dataset`` reads), or ``root`` itself as one folder per class."""
+    from pathlib import Path
+
+    from .data import list_class_folders, open_dataset
+
+    root = Path(root)
+    if (root / "train").is_dir() or (root / "ILSVRC").is_dir():
+        d = open_dataset(root, val_labels)
+        s = d.val if split == "val" else d.train
+    else:
+        s = list_class_folders(root, "data")
+    return s.samples, s.class_names
 
 
 # --- output ---------------------------------------------------------------------------------
