@@ -29,10 +29,9 @@ from .checkpoint import load_checkpoint
 from .imagenet import NUM_CLASSES, imagenet_class_names
 from .model import CFGS, VGGConfig, build, resolve_name
 from .preprocess import Preprocessing
-from .weights import LoadedModel, load_model, load_state_checked, save_weights
+from .weights import LoadedModel, file_kind, load_model, load_state_checked, save_weights
 
 FORMATS = ("torchvision", "keras", "caffe", "vggnet")
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 FC_NAMES = ("fc6", "fc7", "fc8")
 
 
@@ -53,18 +52,8 @@ def detect_format(path: str | os.PathLike) -> str:
     """"keras" (HDF5), "torch" (torch.save: torchvision state dict or vggnet checkpoint),
     "safetensors" (vggnet weights or a torchvision state dict), else "caffe" (protobuf has
     no magic number; parsing decides)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(HDF5_MAGIC):
-        return "keras"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"
-    return "caffe"
+    kind = file_kind(path)
+    return {"hdf5": "keras", "other": "caffe"}.get(kind, kind)
 
 
 def file_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
