@@ -356,6 +356,14 @@ def test_convert_cli_writes_our_format(tv_file, tmp_path, capsys):
         assert torch.equal(v, again.model.state_dict()[k])
 
 
+def test_missing_tensor_is_named(tv_file, tmp_path):
+    state = torch.load(tv_file, weights_only=True)
+    del state["features.5.bias"]  # conv2_1 (features.0, 2 are block 1's convs, 4 its pool)
+    torch.save(state, tmp_path / "no_bias.pth")
+    with pytest.raises(ValueError, match=r"missing \['features.conv2_1.bias'\]"):
+        import_weights(tmp_path / "no_bias.pth")
+
+
 def test_unrecognised_files(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"\xff\xfe not a model")
     with pytest.raises(ValueError, match="not a weights file vggnet recognises"):

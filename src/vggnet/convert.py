@@ -75,8 +75,18 @@ def file_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
 
 
 # --- readers -----------------------------------------------------------------------------
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+def _optional(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"reading {what} needs the '{module.split('.')[0]}' package: "
+                          "pip install 'vggnet[convert]' (h5py and protobuf)") from e
+
+
+def _t(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def _by_index(state: dict, prefix: str) -> dict[int, dict[str, torch.Tensor]]:
@@ -104,7 +114,7 @@ def torchvision_source(state: dict, where: str) -> SourceNet:
     for idx, params in _by_index(state, "features").items():
         w = params.get("weight")
         if w is not None and w.ndim == 4:
-            convs.append({"weight": w, "bias": params["bias"]})
+            convs.append({"weight": w, "bias": params.get("bias")})  # a missing bias is reported later
         elif "running_mean" in params:
             if len(bns) != len(convs) - 1:
                 raise ValueError(f"{where}: batch norm features.{idx} does not follow a conv")
@@ -112,8 +122,8 @@ def torchvision_source(state: dict, where: str) -> SourceNet:
         else:
             raise ValueError(f"{where}: features.{idx} holds {sorted(params)}, neither a conv nor "
                              "a batch norm")
-    fcs = [{"weight": p["weight"], "bias": p["bias"]}
-           for p in _by_index(state, "classifier").values() if p["weight"].ndim == 2]
+    fcs = [{"weight": p["weight"], "bias": p.get("bias")}
+           for p in _by_index(state, "classifier").values() if "weight" in p and p["weight"].ndim == 2]
     if bns and len(bns) != len(convs):
         raise ValueError(f"{where}: {len(bns)} batch norms for {len(convs)} convs")
     return SourceNet("torchvision", convs, fcs, preprocess.TORCHVISION, bns=bns or None)
@@ -135,7 +145,7 @@ def read_keras(path: Path) -> SourceNet:
     Conv kernels are (kh, kw, in, out), dense kernels (in, out). Keras flattens pool5 (h, w, c)
     in height-width-channel order, so fc1's input rows are permuted to our (c, h, w) order.
     """
-    import h5py
+    h5py = _optional("h5py", "Keras .h5 files")
 
     layers: list[tuple[str, dict[str, np.ndarray]]] = []
     with h5py.File(path, "r") as f:
@@ -144,7 +154,7 @@ def read_keras(path: Path) -> SourceNet:
             for name in sorted(k3, key=_natural_key):
                 v = k3[name].get("vars")
                 if v is not None and len(v):
-                    layers.append((name, {"kernel": v["0"][()], "bias": v["1"][()]}))
+                    layers.append((name, {"kernel": v["0"][()], "bias": v["1"][()] if "1" in v else None}))
         else:
             root = f["model_weights"] if "model_weights" in f else f
             names = [n.decode() if isinstance(n, bytes) else str(n)
@@ -158,7 +168,7 @@ def read_keras(path: Path) -> SourceNet:
 
                 root[name].visititems(collect)
                 if "kernel" in arrays:
-                    layers.append((name, {"kernel": arrays["kernel"], "bias": arrays["bias"]}))
+                    layers.append((name, {"kernel": arrays["kernel"], "bias": arrays.get("bias")}))
     if not layers:
         raise ValueError(f"{str(path)!r} is an HDF5 file without Keras layer weights (no "
                          "'layers/*/vars' nor layer groups with kernel/bias datasets)")
@@ -187,7 +197,7 @@ def read_caffe(path: Path, prototxt: str | os.PathLike | None = None) -> SourceN
     """The authors' Caffe release (VGG_ILSVRC_16_layers.caffemodel, ...), V1 ``layers`` or
     current ``layer`` format, without Caffe. With a deploy ``.prototxt``, the prototxt defines
     the net and weights are taken from the caffemodel by layer name (as Caffe does)."""
-    from google.protobuf.message import DecodeError
+    DecodeError = _optional("google.protobuf.message", "Caffe .caffemodel files").DecodeError
 
     from .caffe_proto import blob_array, layer_type, net_layers, parse_caffemodel, parse_prototxt
 
@@ -271,14 +281,12 @@ def source_state_dict(src: SourceNet, conv_names: list[str]) -> dict[str, torch.
     """Our keys for the source's tensors: convs in order onto ``conv_names``, then fc6-fc8."""
     state: dict[str, torch.Tensor] = {}
     for i, (name, conv) in enumerate(zip(conv_names, src.convs, strict=True)):
-        state[f"features.{name}.weight"] = conv["weight"]
-        state[f"features.{name}.bias"] = conv["bias"]
-        for k, v in (src.bns[i] if src.bns else {}).items():
-            state[f"features.bn{name[len('conv'):]}.{k}"] = v
+        state |= {f"features.{name}.{k}": v for k, v in conv.items()}
+        state |= {f"features.bn{name[len('conv'):]}.{k}": v for k, v in (src.bns[i] if src.bns else {}).items()}
     for name, fc in zip(FC_NAMES, src.fcs, strict=True):
-        state[f"classifier.{name}.weight"] = fc["weight"]
-        state[f"classifier.{name}.bias"] = fc["bias"]
-    return state
+        state |= {f"classifier.{name}.{k}": v for k, v in fc.items()}
+    # a tensor the file lacks (None) stays out, so load_state_checked names it as missing
+    return {k: v for k, v in state.items() if v is not None}
 
 
 def read_source(path: str | os.PathLike, prototxt: str | os.PathLike | None = None) -> SourceNet | LoadedModel:

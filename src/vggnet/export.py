@@ -11,6 +11,7 @@ class names travel as metadata (ONNX metadata_props / a TorchScript extra file "
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -72,11 +73,18 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, dense: bool = Fals
     example = torch.randn(2, c, crop + 32 * dense, crop + 64 * dense)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals (pytree)
-        torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False, external_data=False,
-                          input_names=["image"], output_names=["scores" if dense else "logits"],
-                          dynamic_shapes={"x": shapes})
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # not "torchvision is not installed, skipping nms" and the like
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals (pytree)
+            torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False,
+                              external_data=False,
+                              input_names=["image"], output_names=["scores" if dense else "logits"],
+                              dynamic_shapes={"x": shapes})
+    finally:
+        onnx_log.setLevel(level)
     proto = onnx.load(str(path))
     proto.metadata_props.add(key="vggnet", value=_metadata(loaded, dense))
     onnx.save(proto, str(path))
