@@ -178,6 +178,59 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+# --- evaluate ------------------------------------------------------------------------------
+def _scales_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(q) for q in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,384,512, got {text!r}") from None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, evaluate, format_report, list_eval_data, write_report
+
+    settings = EvalSettings(method=args.method, scales=args.scales, multi_scale=args.multi_scale,
+                            flip=not args.no_flip, grid=args.grid, batch_size=args.batch_size,
+                            workers=args.workers)
+    samples, classes = list_eval_data(args.data, args.split, args.val_labels)
+    report = evaluate(args.checkpoints, samples, classes, settings, device=args.device,
+                      precision=args.precision)
+    print(format_report(report))
+    files = write_report(report, args.out)
+    print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    from .evaluate import METHODS
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 error with the paper's test protocol",
+                       description="Evaluate a checkpoint or weights file, or an ensemble of several "
+                       "(soft-max posteriors averaged), with the paper's protocol: images rescaled "
+                       "to each test scale Q, dense or multi-crop evaluation, horizontal flips.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    p.add_argument("--data", required=True, help="dataset folder: train/ and val/ (any layout "
+                   "`vggnet data check` reads), or one folder per class")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--val-labels", default=None, help="labels of a flat ImageNet val folder")
+    p.add_argument("--method", choices=METHODS, default="dense",
+                   help="center: one centre crop; dense: the fully convolutional net on the whole "
+                   "image; multicrop: a grid of crops; dense+multicrop: both, averaged")
+    p.add_argument("--scales", type=_scales_arg, default=None, metavar="Q1,Q2,...",
+                   help="test scales (smaller image side); default: from training, as the paper")
+    p.add_argument("--multi-scale", action="store_true", help="default scales {S-32,S,S+32} "
+                   "(fixed S) or {Smin,mid,Smax} (jittered S) instead of one")
+    p.add_argument("--no-flip", action="store_true", help="do not average with horizontal flips")
+    p.add_argument("--grid", type=int, default=5, help="multicrop: GRID x GRID crops per scale")
+    p.add_argument("--batch-size", type=int, default=32, help="crop-sized inputs per forward pass")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: 0 on the CPU, up to 8 with a GPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--out", default="evaluation", help="folder for results.json, per_class.csv, "
+                   "confusion.png (default: ./evaluation)")
+    p.set_defaults(func=cmd_evaluate)
+
+
 # --- predict, features, probe, export --------------------------------------------------------
 def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="vggnet weights file or training checkpoint "
@@ -317,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_info, _add_data, _add_convert, _add_predict, _add_features,
-                _add_probe, _add_export):
+                _add_probe, _add_export, _add_evaluate):
         add(sub)
     return parser
 
