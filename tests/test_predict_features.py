@@ -57,7 +57,7 @@ def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
     for i, colour in enumerate(COLOURS):
         assert out[3 * i].endswith(f"{colour}.png")
         first, second = out[3 * i + 1], out[3 * i + 2]
-        assert first.startswith("  1.") and first.endswith(f"  {colour} ({i})")
+        assert first.startswith("  1.") and first.endswith(f"  {colour} [{i}]")
         assert float(first.split()[1].rstrip("%")) > 50 > float(second.split()[1].rstrip("%"))
 
 
@@ -66,7 +66,7 @@ def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     assert main(["predict", str(tmp_path / "broken.jpg"), str(images["blue"]), "--weights", str(weights)]) == 1
     captured = capsys.readouterr()
-    assert "broken.jpg" in captured.err and "blue (2)" in captured.out
+    assert "broken.jpg" in captured.err and "blue [2]" in captured.out
 
 
 def test_feature_taps(colour_net, tmp_path):

@@ -150,6 +150,7 @@ def _add_data(sub) -> None:
 # --- convert -------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
+    from .imagenet import describe
 
     loaded = convert(args.input, args.output, model=args.model, sha256=args.sha256,
                      prototxt=args.prototxt)
@@ -159,7 +160,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"  model: VGG {c.name}, width {c.width:g}, {c.num_classes} classes, crop {c.crop_size}")
     print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, std {list(p.std)}")
     names = loaded.class_names
-    print(f"  class names: {f'{len(names)} ({names[0]}, {names[1]}, ...)' if names else 'none'}")
+    print(f"  class names: {f'{len(names)} ({describe(names[0])}, ...)' if names else 'none'}")
     print(f"wrote {args.output}")
     return 0
 
@@ -246,6 +247,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .imagenet import describe
     from .predict import predict
 
     loaded, rt = _load(args)
@@ -257,7 +259,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         print(pred.path)
         for rank, (index, name, prob) in enumerate(pred.top, 1):
-            print(f"  {rank}. {prob:7.2%}  {name} ({index})")
+            print(f"  {rank}. {prob:7.2%}  {describe(name)} [{index}]")
     return 1 if failed else 0
 
 
