@@ -16,6 +16,7 @@ CPU, peak allocated memory on a GPU). The same code runs on a GPU through the ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -78,6 +79,7 @@ class Settings:
     repeats: int = 5
     matmul_n: int = 4096
     memory: bool = True
+    compile: bool = False  # also time inference through torch.compile (inductor, frozen weights)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -181,14 +183,22 @@ def bench_inference(s: Settings, rt: Runtime, peak: Peak, batch: int) -> Result:
         with rt.inference():
             return ours(xo)
 
+    notes = []
+    if rt.compile:  # the first call compiles
+        _sync(rt.device)
+        start = time.perf_counter()
+        run_ours()
+        _sync(rt.device)
+        notes.append(f"compiled: first call {time.perf_counter() - start:.1f} s")
     t = interleaved({"ours": run_ours, "baseline": run_base, "peak": peak.fn}, s.repeats, rt.device)
     ref, out = run_base().float(), run_ours().float()
     rel = ((out - ref).norm() / ref.norm()).item()
     flops = forward_flops(cfg) * batch
-    return Result(f"inference {_label(cfg)} batch {batch}", "img/s", batch / t["ours"],
-                  batch / t["baseline"], target=">= 2.2x, >= 85% of peak" if batch >= 8 else "",
+    return Result(f"inference {_label(cfg)} batch {batch}" + (", compiled" if rt.compile else ""),
+                  "img/s", batch / t["ours"], batch / t["baseline"],
+                  target=">= 2.2x, >= 85% of peak" if batch >= 8 else "",
                   gflops=flops / t["ours"] / 1e9, peak=peak.flops / t["peak"] / 1e9,
-                  notes=[f"logits vs float32: relative error {rel:.2e}"])
+                  notes=notes + [f"logits vs float32: relative error {rel:.2e}"])
 
 
 # --- item 2: training step -----------------------------------------------------------------
@@ -384,6 +394,9 @@ def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[st
     if "inference" in items:
         for b in s.inference_batches:
             emit(bench_inference(s, rt, peak, b))
+        if s.compile and not rt.compile:
+            for b in s.inference_batches:
+                emit(bench_inference(s, dataclasses.replace(rt, compile=True), peak, b))
     if "training" in items:
         emit(bench_training(s, rt, peak, _config(s), s.train_batch))
         emit(bench_training(s, rt, peak, reduced, s.reduced_batch))

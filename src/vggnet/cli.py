@@ -370,6 +370,8 @@ def _add_export(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from .bench import ITEMS, Settings, run
     from .runtime import make_runtime
 
@@ -378,6 +380,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         s.repeats = args.repeats
+    s.compile = args.compile
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     items = args.items.split(",") if args.items else ITEMS
     report = run(s, make_runtime(args.device), items)
     if args.json:
@@ -397,6 +404,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--items", help=f"comma-separated subset of {','.join(ITEMS)} (default: all)")
     p.add_argument("--repeats", type=int, help="timed repetitions per candidate (median reported)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true",
+                   help="also time inference through torch.compile (reports the compile time)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
