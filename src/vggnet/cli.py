@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -153,18 +154,45 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "init_from", "scale", "flip", "pca_std", "stats_images", "batch_size", "micro_batch", "lr",
             "momentum", "weight_decay", "lr_factor", "lr_patience", "lr_drops", "epochs", "seed",
             "device", "precision", "channels_last", "compile", "workers", "skip_bad", "scan",
-            "save_every_min", "progress")
+            "save_every_min", "progress", "dist_timeout_s", "bucket_mb", "grad_compression", "sync_bn",
+            "max_skips")
     d = {k: getattr(args, k) for k in keys}
     if d["scale"] is not None:
         d["scale"] = (d["scale"][0], d["scale"][-1])
     return d
 
 
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # each takes a value
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """``vggnet train`` arguments minus the ones that only tell how to launch torchrun."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCH_OPTIONS:
+            skip = True
+        elif a.split("=")[0] not in LAUNCH_OPTIONS:
+            out.append(a)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import make_settings, train
 
+    if args.nproc and "RANK" not in os.environ:  # launch torchrun, which runs this command N times
+        import subprocess
+
+        from .distributed import torchrun_command
+
+        argv = _without_launch_options(args.argv[args.argv.index("train") + 1:])
+        cmd = torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts)
+        print("launching:", " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
     if args.resume:
-        runtime_keys = ("workers", "progress", "device", "precision", "channels_last", "compile")
+        runtime_keys = ("workers", "progress", "device", "precision", "channels_last", "compile",
+                        "dist_timeout_s", "bucket_mb")
         given = {k: v for k, v in _train_overrides(args).items() if v is not None}
         other = sorted(set(given) - set(runtime_keys))
         if other:
@@ -179,9 +207,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(make_settings(args.preset, **_train_overrides(args)))
     if result.status == "interrupted":
         return 130
-    print(f"{result.status} after {result.epochs} epoch(s), {result.seconds / 60:.1f} min: best val "
-          f"top-1 error {100 * result.best_top1_err:.2f}%, top-5 {100 * result.best_top5_err:.2f}%; "
-          f"run folder {result.folder} (report.md)")
+    from .distributed import env_info
+
+    if env_info().is_main:
+        print(f"{result.status} after {result.epochs} epoch(s), {result.seconds / 60:.1f} min: best val "
+              f"top-1 error {100 * result.best_top1_err:.2f}%, top-5 {100 * result.best_top5_err:.2f}%; "
+              f"run folder {result.folder} (report.md)")
     return 0
 
 
@@ -241,6 +272,21 @@ def _add_train(sub) -> None:
                    help="skip the decode check before training (bad files are then skipped as met)")
     g.add_argument("--save-every-min", type=float, help="also save last.pt mid-epoch this often (30)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    g = p.add_argument_group("data parallel (torchrun)", "`vggnet train --nproc N ...` runs torchrun; "
+                             "or run `torchrun --nproc-per-node N -m vggnet train ...` yourself. "
+                             "--batch-size stays the global batch.")
+    g.add_argument("--nproc", type=int, help="processes (GPUs) per node; launches torchrun")
+    g.add_argument("--nnodes", default="1", help="nodes (or MIN:MAX), with --rdzv-endpoint")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-node run")
+    g.add_argument("--max-restarts", type=int, default=0,
+                   help="restarts of the group after a failed process; it resumes from last.pt")
+    g.add_argument("--dist-timeout-s", type=float, help="a collective waiting longer fails (600)")
+    g.add_argument("--bucket-mb", type=float, help="DDP gradient bucket size in MiB (25)")
+    g.add_argument("--grad-compression", choices=("none", "bf16", "fp16"),
+                   help="all-reduce gradients in half precision (halves the traffic)")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (GPUs)")
+    g.add_argument("--max-skips", type=int,
+                   help="consecutive non-finite steps, skipped on every process, before halting (3)")
     p.set_defaults(func=cmd_train)
 
 
@@ -287,10 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as e:
         print(f"vggnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
