@@ -529,7 +529,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     items = args.items.split(",") if args.items else ITEMS
-    report = run(s, make_runtime(args.device), items)
+    report = run(s, make_runtime(args.device), items, trained=args.trained, data=args.data)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
@@ -550,6 +550,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time inference through torch.compile (reports the compile time)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--trained", metavar="CHECKPOINT", help="trained model for the top-1 agreement "
+                   "item (default: the newest runs/demo-*/best.pt of `make demo`)")
+    p.add_argument("--data", metavar="DIR", help="its dataset (default: the one it was trained on)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 

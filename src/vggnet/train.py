@@ -599,7 +599,8 @@ def _run(s: TrainSettings, ckpt: dict | None, runtime: Runtime, info: distribute
     if s.sync_bn and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = distributed.wrap_ddp(runtime.prepare(model), info, runtime.device, s.bucket_mb, s.grad_compression)
-    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                                **runtime.optimizer_options())
     schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops, s.min_improvement)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
     epoch, epoch_step, step = 0, 0, 0
