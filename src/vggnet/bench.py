@@ -89,6 +89,15 @@ class Settings:
     compile: bool = False  # also time inference through torch.compile (inductor, frozen weights)
 
     @classmethod
+    def for_device(cls, device: torch.device) -> Settings:
+        """The defaults above are sized for a CPU; a GPU gets the issue's GPU sizes: VGG-16
+        training at batch 256, inference up to batch 256, full-width dense evaluation."""
+        if device.type != "cuda":
+            return cls()
+        return cls(inference_batches=(1, 8, 256), train_batch=256, train_steps=10,
+                   reduced_steps=50, eval_width=1.0, eval_images=32, matmul_n=8192, repeats=10)
+
+    @classmethod
     def quick(cls) -> Settings:
         return cls(crop=32, width=1 / 16, inference_batches=(2,), train_batch=2, train_steps=2,
                    reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, reduced_steps=3,

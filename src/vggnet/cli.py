@@ -518,7 +518,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import ITEMS, Settings, run
     from .runtime import make_runtime
 
-    s = Settings.quick() if args.quick else Settings()
+    rt = make_runtime(args.device)
+    s = Settings.quick() if args.quick else Settings.for_device(rt.device)
     if args.repeats is not None:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -529,7 +530,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     items = args.items.split(",") if args.items else ITEMS
-    report = run(s, make_runtime(args.device), items, trained=args.trained, data=args.data)
+    report = run(s, rt, items, trained=args.trained, data=args.data)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
