@@ -363,12 +363,23 @@ print(json.dumps(memory_probe(*json.loads(sys.argv[1]))))
 """
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
+    getrusage's ru_maxrss would carry over the peak of the process that forked us."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
 def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -> dict:
     """Run in a fresh process: build the model, run two inference batches or training steps,
     report peak memory (MiB): RSS on the CPU, allocated device memory on a GPU."""
-    import resource
-
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python + torch
+    start = peak_rss_mib()  # Python + torch
     rt = make_runtime(device)
     cfg = VGGConfig.from_dict(config)
     run_rt = rt if which == "ours" else baseline_runtime(rt.device)
@@ -392,7 +403,7 @@ def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -
     if rt.device.type == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20, "what": "GPU allocated",
                 "start_mib": 0.0}
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "what": "RSS",
+    return {"peak_mib": peak_rss_mib(), "what": "RSS",
             "start_mib": start}
 
 
