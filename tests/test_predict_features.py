@@ -57,7 +57,7 @@ def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
     for i, colour in enumerate(COLOURS):
         assert out[3 * i].endswith(f"{colour}.png")
         first, second = out[3 * i + 1], out[3 * i + 2]
-        assert first.startswith("  1.") and first.endswith(f"  {colour} ({i})")
+        assert first.startswith("  1.") and first.endswith(f"  {colour} [{i}]")
         assert float(first.split()[1].rstrip("%")) > 50 > float(second.split()[1].rstrip("%"))
 
 
@@ -66,14 +66,14 @@ def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     assert main(["predict", str(tmp_path / "broken.jpg"), str(images["blue"]), "--weights", str(weights)]) == 1
     captured = capsys.readouterr()
-    assert "broken.jpg" in captured.err and "blue (2)" in captured.out
+    assert "broken.jpg" in captured.err and "blue [2]" in captured.out
 
 
 def test_feature_taps(colour_net, tmp_path):
     weights, images = colour_net
     out = tmp_path / "taps.safetensors"
     assert main(["features", str(images["red"].parent), "--weights", str(weights),
-                 "--layers", "relu1_1,relu2_1", "--out", str(out)]) == 0
+                 "--layers", "relu1_1,relu2_1", "--out", str(out), "--precision", "fp32"]) == 0
     with safe_open(str(out), framework="pt") as f:
         meta = json.loads(f.metadata()["vggnet"])
         taps = {k: f.get_tensor(k) for k in f.keys()}
@@ -91,7 +91,7 @@ def test_transfer_descriptor_follows_appendix_b(colour_net, tmp_path):
     weights, images = colour_net
     out = tmp_path / "transfer.npz"
     assert main(["features", str(images["green"]), str(images["red"]), "--weights", str(weights),
-                 "--scales", "32", "40", "--out", str(out)]) == 0
+                 "--scales", "32", "40", "--out", str(out), "--precision", "fp32"]) == 0
     got = np.load(out)["features"]
     assert got.shape == (2, 256)
     # by hand: fc6 as a 1x1 conv over pool5 (crop 32: pool5 is 1x1), fc7 1x1; ReLUs; mean over

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,10 @@ def test_safetensors_roundtrip(tmp_path):
     assert loaded.meta["provenance"] == {"source": "test"}
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.model(x), m(x))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [f.name for f in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left
 
 
 def test_checkpoint_is_loadable_as_model(tmp_path):

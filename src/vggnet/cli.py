@@ -150,6 +150,7 @@ def _add_data(sub) -> None:
 # --- convert -------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
+    from .imagenet import describe
 
     loaded = convert(args.input, args.output, model=args.model, sha256=args.sha256,
                      prototxt=args.prototxt)
@@ -159,7 +160,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"  model: VGG {c.name}, width {c.width:g}, {c.num_classes} classes, crop {c.crop_size}")
     print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, std {list(p.std)}")
     names = loaded.class_names
-    print(f"  class names: {f'{len(names)} ({names[0]}, {names[1]}, ...)' if names else 'none'}")
+    print(f"  class names: {f'{len(names)} ({describe(names[0])}, ...)' if names else 'none'}")
     print(f"wrote {args.output}")
     return 0
 
@@ -279,16 +280,20 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="vggnet weights file or training checkpoint "
                    "(import others with `vggnet convert`)")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 on GPUs and on CPUs with native bf16 (docs/benchmarks.md), "
+                   "else fp32; fp32 for full float32 numbers")
 
 
 def _load(args: argparse.Namespace):
     from .runtime import make_runtime
     from .weights import load_model
 
-    return load_model(args.weights), make_runtime(args.device)
+    return load_model(args.weights), make_runtime(args.device, args.precision)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .imagenet import describe
     from .predict import predict
 
     loaded, rt = _load(args)
@@ -300,7 +305,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         print(pred.path)
         for rank, (index, name, prob) in enumerate(pred.top, 1):
-            print(f"  {rank}. {prob:7.2%}  {name} ({index})")
+            print(f"  {rank}. {prob:7.2%}  {describe(name)} [{index}]")
     return 1 if failed else 0
 
 
@@ -404,6 +409,39 @@ def _add_export(sub) -> None:
     p.add_argument("--dense", action="store_true", help="fully convolutional graph for any image size")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+# --- bench ---------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import ITEMS, Settings, run
+    from .runtime import make_runtime
+
+    s = Settings.quick() if args.quick else Settings()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        s.repeats = args.repeats
+    items = args.items.split(",") if args.items else ITEMS
+    report = run(s, make_runtime(args.device), items)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .bench import ITEMS
+
+    p = sub.add_parser("bench", help="benchmark suite: our defaults against plain PyTorch, same run",
+                       description="Time inference, training and memory with the default runtime "
+                       "against plain float32 NCHW eager PyTorch, in the same run, with the "
+                       "machine's matmul peak. See docs/benchmarks.md.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
+    p.add_argument("--items", help=f"comma-separated subset of {','.join(ITEMS)} (default: all)")
+    p.add_argument("--repeats", type=int, help="timed repetitions per candidate (median reported)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_info, _add_data, _add_convert, _add_predict, _add_features,
-                _add_probe, _add_export, _add_evaluate, _add_reproduce):
+                _add_probe, _add_export, _add_evaluate, _add_reproduce, _add_bench):
         add(sub)
     return parser
 

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__, preprocess
 from .checkpoint import load_checkpoint
-from .imagenet import NUM_CLASSES, imagenet_class_names
+from .imagenet import NUM_CLASSES, imagenet_wnids
 from .model import CFGS, VGGConfig, build, resolve_name
 from .preprocess import Preprocessing
 from .weights import LoadedModel, file_kind, load_model, load_state_checked, save_weights
@@ -331,7 +331,7 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
     net = build(config, init=None)
     conv_names = [n for n in net.layer_names() if n.startswith("conv")]
     load_state_checked(net, source_state_dict(src, conv_names), source=repr(str(path)))
-    names = imagenet_class_names() if config.num_classes == NUM_CLASSES else None
+    names = imagenet_wnids() if config.num_classes == NUM_CLASSES else None
     provenance = {"source_format": src.format, "source_file": Path(path).name, "sha256": digest,
                   "converted_by": f"vggnet {__version__}", **{k: v for k, v in src.notes.items() if v}}
     return LoadedModel(net.eval(), src.preprocessing, names, {"provenance": provenance})

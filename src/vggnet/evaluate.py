@@ -210,7 +210,7 @@ def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequenc
     """
     rt = runtime or make_runtime()
     workers = default_workers(rt.device) if workers is None else workers
-    nets = [rt.prepare(m.model) for m in models]
+    nets = [rt.prepare_inference(m.model) for m in models]
     for m, qs in zip(models, scales, strict=True):
         crop = m.model.config.crop_size
         if min(qs) < crop:

@@ -28,8 +28,8 @@ TRANSFER_LAYER = "relu7"  # FC7 after ReLU: the paper's 4096-d image descriptor
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Image files named directly, plus every image under named folders (sorted, recursive)."""
-    out: list[Path] = []
-    for item in map(Path, inputs):
+    inputs, out = [Path(i) for i in inputs], []
+    for item in inputs:
         if item.is_dir():
             out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif item.is_file():
@@ -55,7 +55,7 @@ def layer_taps(loaded: LoadedModel, paths: Sequence[str | os.PathLike], layers: 
     CPU tensors (N, C, h, w); FC taps are (N, C) at the crop size, maps at larger sizes."""
     rt = runtime or make_runtime()
     model = loaded.model.eval()
-    rt.prepare(model)
+    rt.prepare_inference(model)
     crop = model.config.crop_size
     size = size or crop
     transform = EvalTransform(size, size)
@@ -73,7 +73,7 @@ def transfer_features(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
     scales, L2-normalised. Scales must be at least the crop size."""
     rt = runtime or make_runtime()
     model = loaded.model.eval()
-    rt.prepare(model)
+    rt.prepare_inference(model)
     scales = list(scales or default_transfer_scales(model.config.crop_size))
     if min(scales) < model.config.crop_size:
         raise ValueError(f"transfer scales must be at least the crop size {model.config.crop_size} "

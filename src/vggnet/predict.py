@@ -73,7 +73,7 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
     if min(scales) < crop:
         raise ValueError(f"scales must be at least the crop size {crop}, got {scales}")
     rt = runtime or make_runtime()
-    rt.prepare(loaded.model.eval())
+    rt.prepare_inference(loaded.model)
     centre = EvalTransform(scales[0], crop)
     whole = [EvalTransform(q, None) for q in scales]
     paths = [str(p) for p in paths]

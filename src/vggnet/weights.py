@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .model import VGG, VGGConfig, build
 from .preprocess import Preprocessing
 
@@ -35,7 +35,7 @@ class LoadedModel:
 def save_weights(path: str | os.PathLike, model: VGG, preprocessing: Preprocessing,
                  class_names: list[str] | None = None, provenance: dict | None = None) -> Path:
     """Write ``model`` as safetensors with its config, preprocessing and class names."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if class_names is not None and len(class_names) != model.config.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with "
@@ -43,13 +43,9 @@ def save_weights(path: str | os.PathLike, model: VGG, preprocessing: Preprocessi
     meta = {"format": WEIGHTS_FORMAT, "model_config": model.config.to_dict(),
             "preprocessing": preprocessing.to_dict(), "class_names": class_names,
             "provenance": provenance or {}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"vggnet": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    data = save(tensors, metadata={"vggnet": json.dumps(meta)})
+    return atomic_write(path, lambda f: f.write(data))
 
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
