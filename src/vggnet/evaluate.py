@@ -226,7 +226,7 @@ def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequenc
     buckets = SizeBuckets(batch_size, budget)
     loader = torch.utils.data.DataLoader(
         RescaledImages(paths, all_scales), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity, pin_memory=rt.device.type == "cuda")
+        collate_fn=_identity)
     skipped, seen = [], torch.zeros(n, dtype=torch.bool)
 
     def run(batch: list) -> None:
