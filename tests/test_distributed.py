@@ -92,13 +92,14 @@ def test_two_process_ddp_equals_one_process(tmp_path, compression, tol):
 
 
 def test_fault_injection_spec(monkeypatch):
-    monkeypatch.setenv(D.FAULT_ENV, "1:x")
-    with pytest.raises(ValueError, match="'RANK:STEP', got '1:x'"):
-        D.maybe_inject_fault(D.DistInfo(1, 2), 3)
-    monkeypatch.setenv(D.FAULT_ENV, "1:3")
-    D.maybe_inject_fault(D.DistInfo(0, 2), 3)  # other rank: nothing happens
+    monkeypatch.setenv(D.FAULT_ENV, "1:x:kill")
+    with pytest.raises(ValueError, match="'RANK:STEP\\[-STEP\\]:ACTION'.*got '1:x:kill'"):
+        D.injected_fault(D.DistInfo(1, 2), 3)
+    monkeypatch.setenv(D.FAULT_ENV, "1:2-4:nan")
+    assert [D.injected_fault(D.DistInfo(1, 2), k) for k in range(1, 6)] == [None, "nan", "nan", "nan", None]
+    assert D.injected_fault(D.DistInfo(0, 2), 3) is None  # other rank: nothing happens
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    D.maybe_inject_fault(D.DistInfo(1, 2), 3)  # restarted group: nothing happens
+    assert D.injected_fault(D.DistInfo(1, 2), 3) is None  # restarted group: nothing happens
 
 
 def test_torchrun_command():

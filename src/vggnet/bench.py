@@ -16,6 +16,7 @@ CPU, peak allocated memory on a GPU). The same code runs on a GPU through the ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -27,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from .info import summarize
 from .model import VGGConfig, build
 from .runtime import Runtime, make_runtime
+from .train import PRESETS
 
 
 # --- results ------------------------------------------------------------------------------
@@ -71,18 +74,22 @@ class Settings:
     width: float = 1.0
     inference_batches: tuple[int, ...] = (1, 8)
     train_batch: int = 8
-    train_steps: int = 5  # timed steps per candidate (also the loss curve compared)
-    reduced_width: float = 0.125  # the reduced preset's net
-    reduced_crop: int = 64
-    reduced_batch: int = 64
+    train_steps: int = 5  # timed VGG-16 steps per candidate (also the loss curve compared)
+    # the reduced preset's net and batch (vggnet.train.PRESETS["reduced"])
+    reduced_width: float = PRESETS["reduced"]["width"]
+    reduced_crop: int = PRESETS["reduced"]["crop_size"]
+    reduced_batch: int = PRESETS["reduced"]["batch_size"]
+    reduced_steps: int = 30  # cheap enough for a longer loss curve
     repeats: int = 5
     matmul_n: int = 4096
     memory: bool = True
+    compile: bool = False  # also time inference through torch.compile (inductor, frozen weights)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(crop=32, width=1 / 16, inference_batches=(2,), train_batch=2, train_steps=2,
-                   reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, repeats=2, matmul_n=256)
+                   reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, reduced_steps=3,
+                   repeats=2, matmul_n=256)
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -181,14 +188,22 @@ def bench_inference(s: Settings, rt: Runtime, peak: Peak, batch: int) -> Result:
         with rt.inference():
             return ours(xo)
 
+    notes = []
+    if rt.compile:  # the first call compiles
+        _sync(rt.device)
+        start = time.perf_counter()
+        run_ours()
+        _sync(rt.device)
+        notes.append(f"compiled: first call {time.perf_counter() - start:.1f} s")
     t = interleaved({"ours": run_ours, "baseline": run_base, "peak": peak.fn}, s.repeats, rt.device)
     ref, out = run_base().float(), run_ours().float()
     rel = ((out - ref).norm() / ref.norm()).item()
     flops = forward_flops(cfg) * batch
-    return Result(f"inference {_label(cfg)} batch {batch}", "img/s", batch / t["ours"],
-                  batch / t["baseline"], target=">= 2.2x, >= 85% of peak" if batch >= 8 else "",
+    return Result(f"inference {_label(cfg)} batch {batch}" + (", compiled" if rt.compile else ""),
+                  "img/s", batch / t["ours"], batch / t["baseline"],
+                  target=">= 2.2x, >= 85% of peak" if batch >= 8 else "",
                   gflops=flops / t["ours"] / 1e9, peak=peak.flops / t["peak"] / 1e9,
-                  notes=[f"logits vs float32: relative error {rel:.2e}"])
+                  notes=notes + [f"logits vs float32: relative error {rel:.2e}"])
 
 
 # --- item 2: training step -----------------------------------------------------------------
@@ -209,7 +224,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
     return loss.item()
 
 
-def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: int) -> Result:
+def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: int,
+                   steps: int) -> Result:
     """Images/s of a training step (forward, backward, SGD update), ours vs the baseline, both
     from the same weights on the same batches; their loss curves are compared step by step."""
     base_rt = baseline_runtime(rt.device)
@@ -234,7 +250,7 @@ def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: 
     fns = {"ours": stepper("ours", ours, ours_opt, rt, ours_batches),
            "baseline": stepper("baseline", base, base_opt, base_rt, base_batches),
            "peak": peak.fn}
-    t = interleaved(fns, s.train_steps, rt.device)
+    t = interleaved(fns, steps, rt.device)
     diffs = [abs(a - b) for a, b in zip(losses["ours"], losses["baseline"], strict=True)]
     flops = 3 * forward_flops(cfg) * batch  # forward + two backward products per layer
     curve = " ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(losses["ours"], losses["baseline"], strict=True))
@@ -244,6 +260,54 @@ def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: 
                   notes=[f"loss ours/float32 per step (incl. warm-up): {curve}",
                          f"max |loss difference| {max(diffs):.4f} "
                          f"({100 * max(d / b for d, b in zip(diffs, losses['baseline'], strict=True)):.2f}%)"])
+
+
+# --- item 1b: agreement on a trained model ---------------------------------------------------
+def find_demo_checkpoint(root: str | os.PathLike = "runs") -> str | None:
+    """The newest ``runs/demo-*/best.pt`` written by ``make demo``, if any."""
+    found = sorted(Path(root).glob("demo-*/best.pt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
+                    batch_size: int = 64) -> Result:
+    """Top-1 agreement of our inference path with float32 on a trained model (a training
+    checkpoint or weights file) over the validation split of its dataset: centre crops at the
+    test scale its training implies (Q = S), as the demo evaluates it."""
+    from .data import EvalImages, make_loader, open_dataset
+    from .transforms import EvalTransform, default_test_scale
+    from .weights import load_model
+
+    loaded = load_model(checkpoint)
+    settings = loaded.meta.get("train_settings") or {}
+    data = data or settings.get("data")
+    if not data:
+        raise ValueError(f"{checkpoint!r} does not say which dataset it was trained on; "
+                         "give its folder with --data")
+    cfg = loaded.model.config
+    q = default_test_scale(settings["scale"]) if "scale" in settings else round(cfg.crop_size * 256 / 224)
+    samples = open_dataset(data).val.samples
+    loader = make_loader(EvalImages(samples, EvalTransform(q, cfg.crop_size)), batch_size, workers=0)
+    base = loaded.model.eval().to(rt.device)
+    ours = rt.prepare_inference(copy.deepcopy(base))
+    preds, labels = {"ours": [], "float32": []}, []
+    for batch in loader:
+        keep = batch.labels >= 0  # -1: a file that failed to decode
+        x = loaded.preprocessing.normalize(batch.images[keep].to(rt.device))
+        with torch.no_grad():
+            preds["float32"].append(base(x).argmax(1).cpu())
+        with rt.inference():
+            preds["ours"].append(ours(rt.input(x)).argmax(1).cpu())
+        labels.append(batch.labels[keep])
+    p = {k: torch.cat(v) for k, v in preds.items()}
+    y = torch.cat(labels)
+    acc = {k: 100 * (v == y).float().mean().item() for k, v in p.items()}
+    agree = 100 * (p["ours"] == p["float32"]).float().mean().item()
+    return Result(f"top-1 agreement with float32, trained {_label(cfg)} ({cfg.name})", "%", agree,
+                  None, target=">= 99%",
+                  notes=[f"{len(y)} validation images of {data} (centre crop at Q={q}) through "
+                         f"{checkpoint}; top-1 accuracy ours {acc['ours']:.2f}%, "
+                         f"float32 {acc['float32']:.2f}%"])
 
 
 # --- item 5: memory -----------------------------------------------------------------------
@@ -349,12 +413,18 @@ def _load() -> str:
         return "n/a"
 
 
-ITEMS = ("inference", "training", "memory")
+ITEMS = ("inference", "agreement", "training", "memory")
 
 
 def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[str] = ITEMS,
-        log: Callable[[str], None] = print) -> Report:
-    """Run the chosen items; ``log`` gets each result line as soon as it is measured."""
+        log: Callable[[str], None] = print, trained: str | None = None,
+        data: str | None = None) -> Report:
+    """Run the chosen items; ``log`` gets each result line as soon as it is measured.
+
+    ``trained``: a trained checkpoint or weights file for the agreement item (default: the
+    newest ``make demo`` run under ./runs), ``data`` its dataset folder (default: the one
+    its training settings name).
+    """
     s = s or Settings()
     rt = rt or make_runtime()
     unknown = sorted(set(items) - set(ITEMS))
@@ -384,9 +454,19 @@ def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[st
     if "inference" in items:
         for b in s.inference_batches:
             emit(bench_inference(s, rt, peak, b))
+        if s.compile and not rt.compile:
+            for b in s.inference_batches:
+                emit(bench_inference(s, dataclasses.replace(rt, compile=True), peak, b))
+    if "agreement" in items:
+        trained = trained or find_demo_checkpoint()
+        if trained:
+            emit(bench_agreement(rt, trained, data))
+        else:
+            log("top-1 agreement with float32: skipped, no trained model (run `make demo`, or "
+                "give --trained CHECKPOINT [--data DIR])")
     if "training" in items:
-        emit(bench_training(s, rt, peak, _config(s), s.train_batch))
-        emit(bench_training(s, rt, peak, reduced, s.reduced_batch))
+        emit(bench_training(s, rt, peak, _config(s), s.train_batch, s.train_steps))
+        emit(bench_training(s, rt, peak, reduced, s.reduced_batch, s.reduced_steps))
     if "memory" in items and s.memory:
         for r in bench_memory(rt, [("inference", _config(s), max(s.inference_batches)),
                                    ("training", _config(s), s.train_batch)]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -145,6 +146,148 @@ def _add_data(sub) -> None:
                    "ILSVRC2012_validation_ground_truth.txt next to meta.mat)")
     c.add_argument("--workers", type=int, default=None, help="decoding threads")
     c.set_defaults(func=cmd_data_check)
+
+
+# --- train ---------------------------------------------------------------------------------
+def _train_overrides(args: argparse.Namespace) -> dict:
+    keys = ("data", "out", "val_labels", "model", "batch_norm", "width", "crop_size", "dropout", "init",
+            "init_from", "scale", "flip", "pca_std", "stats_images", "batch_size", "micro_batch", "lr",
+            "momentum", "weight_decay", "lr_factor", "lr_patience", "lr_drops", "epochs", "seed",
+            "device", "precision", "channels_last", "compile", "workers", "skip_bad", "scan",
+            "save_every_min", "progress", "dist_timeout_s", "bucket_mb", "grad_compression", "sync_bn",
+            "max_skips")
+    d = {k: getattr(args, k) for k in keys}
+    if d["scale"] is not None:
+        d["scale"] = (d["scale"][0], d["scale"][-1])
+    return d
+
+
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # each takes a value
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """``vggnet train`` arguments minus the ones that only tell how to launch torchrun."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCH_OPTIONS:
+            skip = True
+        elif a.split("=")[0] not in LAUNCH_OPTIONS:
+            out.append(a)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import make_settings, train
+
+    if args.nproc and "RANK" not in os.environ:  # launch torchrun, which runs this command N times
+        import subprocess
+
+        from .distributed import torchrun_command
+
+        argv = _without_launch_options(args.argv[args.argv.index("train") + 1:])
+        cmd = torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts)
+        print("launching:", " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
+    if args.resume:
+        runtime_keys = ("workers", "progress", "device", "precision", "channels_last", "compile",
+                        "dist_timeout_s", "bucket_mb")
+        given = {k: v for k, v in _train_overrides(args).items() if v is not None}
+        other = sorted(set(given) - set(runtime_keys))
+        if other:
+            raise ValueError(f"--resume continues a run with its own settings; only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in runtime_keys)} may be "
+                             f"given with it, got {', '.join('--' + k.replace('_', '-') for k in other)}")
+        result = train(resume=args.resume, **given)
+    else:
+        if not args.data:
+            raise ValueError("--data DIR is required (a folder with train/ and val/; "
+                             "`vggnet data make DIR` writes the built-in dataset)")
+        result = train(make_settings(args.preset, **_train_overrides(args)))
+    if result.status == "interrupted":
+        return 130
+    from .distributed import env_info
+
+    if env_info().is_main:
+        print(f"{result.status} after {result.epochs} epoch(s), {result.seconds / 60:.1f} min: best val "
+              f"top-1 error {100 * result.best_top1_err:.2f}%, top-5 {100 * result.best_top5_err:.2f}%; "
+              f"run folder {result.folder} (report.md)")
+    return 0
+
+
+def _add_train(sub) -> None:
+    from .train import PRESETS
+
+    p = sub.add_parser("train", help="train a VGG net with the paper's recipe",
+                       description="Train with the paper's recipe (SGD momentum 0.9, weight decay 5e-4, "
+                       "dropout 0.5, batch 256, lr 1e-2 divided by 10 on validation plateaus, scale "
+                       "augmentation, flips, PCA colour shift). Options not given come from --preset. "
+                       "Ctrl-C or SIGTERM finishes the step, saves last.pt and says how to resume.")
+    p.add_argument("--data", help="dataset folder with train/ and val/ (see `vggnet data check`)")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                   help="paper: 224 crops, S=256, full width; reduced: the same ratios at 64 crops, "
+                   "width 1/8, batch 64 (default: paper)")
+    p.add_argument("--out", help="run folder (default runs/MODEL-PRESET-DATE)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or its last.pt) exactly")
+    p.add_argument("--val-labels", help="labels file of a flat ImageNet val folder")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="A, A-LRN, B, C, D, E or vgg11..vgg19[_bn] (default A)")
+    g.add_argument("--batch-norm", action="store_true", default=None)
+    g.add_argument("--width", type=float, help="multiplies every conv and FC width")
+    g.add_argument("--crop-size", type=int, help="training crop (224 in the paper)")
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--init", choices=("glorot", "paper", "kaiming"),
+                   help="glorot (default) or paper (N(0, 0.01)) for layers not initialised from --init-from")
+    g.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="stage chaining: net A into a deeper net (conv1_1, conv2_1, conv3_1, conv3_2, "
+                   "fc6-8), otherwise every layer whose name and shape match")
+    g = p.add_argument_group("input")
+    g.add_argument("--scale", type=int, nargs="+", metavar="S",
+                   help="training scale: S (fixed), or SMIN SMAX (jittered per image)")
+    g.add_argument("--no-flip", dest="flip", action="store_false", default=None)
+    g.add_argument("--pca-std", type=float, help="std of the PCA colour shift (0.1; 0 turns it off)")
+    g.add_argument("--stats-images", type=int, help="training images read for mean RGB and colour PCA")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, help="global batch (256 in the paper)")
+    g.add_argument("--micro-batch", type=int,
+                   help="images per forward pass; the step accumulates gradients exactly")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--lr-factor", type=float, help="lr multiplier at a plateau (0.1)")
+    g.add_argument("--lr-patience", type=int, help="epochs without a better val top-1 before a drop")
+    g.add_argument("--lr-drops", type=int, help="drops allowed; the next plateau stops training (3)")
+    g.add_argument("--epochs", type=int, help="at most this many epochs")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--workers", type=int, help="loader processes (default: cores - 1)")
+    g.add_argument("--skip-bad", action="store_true", default=None,
+                   help="train without the files that fail to decode (default: refuse to start)")
+    g.add_argument("--no-scan", dest="scan", action="store_false", default=None,
+                   help="skip the decode check before training (bad files are then skipped as met)")
+    g.add_argument("--save-every-min", type=float, help="also save last.pt mid-epoch this often (30)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    g = p.add_argument_group("data parallel (torchrun)", "`vggnet train --nproc N ...` runs torchrun; "
+                             "or run `torchrun --nproc-per-node N -m vggnet train ...` yourself. "
+                             "--batch-size stays the global batch.")
+    g.add_argument("--nproc", type=int, help="processes (GPUs) per node; launches torchrun")
+    g.add_argument("--nnodes", default="1", help="nodes (or MIN:MAX), with --rdzv-endpoint")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous of a multi-node run")
+    g.add_argument("--max-restarts", type=int, default=0,
+                   help="restarts of the group after a failed process; it resumes from last.pt")
+    g.add_argument("--dist-timeout-s", type=float, help="a collective waiting longer fails (600)")
+    g.add_argument("--bucket-mb", type=float, help="DDP gradient bucket size in MiB (25)")
+    g.add_argument("--grad-compression", choices=("none", "bf16", "fp16"),
+                   help="all-reduce gradients in half precision (halves the traffic)")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm (GPUs)")
+    g.add_argument("--max-skips", type=int,
+                   help="consecutive non-finite steps, skipped on every process, before halting (3)")
+    p.set_defaults(func=cmd_train)
 
 
 # --- convert -------------------------------------------------------------------------------
@@ -413,6 +556,8 @@ def _add_export(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from .bench import ITEMS, Settings, run
     from .runtime import make_runtime
 
@@ -421,8 +566,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         s.repeats = args.repeats
+    s.compile = args.compile
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     items = args.items.split(",") if args.items else ITEMS
-    report = run(s, make_runtime(args.device), items)
+    report = run(s, make_runtime(args.device), items, trained=args.trained, data=args.data)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
@@ -440,6 +590,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--items", help=f"comma-separated subset of {','.join(ITEMS)} (default: all)")
     p.add_argument("--repeats", type=int, help="timed repetitions per candidate (median reported)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true",
+                   help="also time inference through torch.compile (reports the compile time)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--trained", metavar="CHECKPOINT", help="trained model for the top-1 agreement "
+                   "item (default: the newest runs/demo-*/best.pt of `make demo`)")
+    p.add_argument("--data", metavar="DIR", help="its dataset (default: the one it was trained on)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -450,17 +606,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(Simonyan & Zisserman, ICLR 2015).")
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_data, _add_convert, _add_predict, _add_features,
-                _add_probe, _add_export, _add_evaluate, _add_reproduce, _add_bench):
+    for add in (_add_demo, _add_info, _add_data, _add_train, _add_evaluate, _add_reproduce, _add_convert,
+                _add_predict, _add_features, _add_probe, _add_export, _add_bench):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as e:
         print(f"vggnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

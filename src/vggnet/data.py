@@ -416,12 +416,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def _worker_init(_: int) -> None:
-    # Ctrl-C / SIGTERM reach the whole process group; the main process finishes the step
-    # (which may need more batches from the workers), so the workers ignore them.
+    # Ctrl-C reaches the whole process group; the main process finishes the step (which may
+    # need more batches from the workers), so the workers ignore it. They keep SIGTERM: that
+    # is how the loader ends them.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, pin_memory: bool = False,

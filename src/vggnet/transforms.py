@@ -147,6 +147,13 @@ class ColorStats:
     eigvec: tuple[tuple[float, float, float], ...]
     images: int = 0  # how many training images they were computed from
 
+    def __post_init__(self) -> None:
+        # plain Python numbers: checkpoints are read with weights_only=True, which refuses numpy
+        object.__setattr__(self, "mean_rgb", tuple(float(v) for v in self.mean_rgb))
+        object.__setattr__(self, "eigval", tuple(float(v) for v in self.eigval))
+        object.__setattr__(self, "eigvec", tuple(tuple(float(v) for v in r) for r in self.eigvec))
+        object.__setattr__(self, "images", int(self.images))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eigvec"] = [list(r) for r in self.eigvec]
@@ -161,8 +168,7 @@ class ColorStats:
         if len(mean) != 3 or len(val) != 3 or np.asarray(vec).shape != (3, 3):
             raise ValueError(f"colour statistics need 3 means, 3 eigenvalues and a 3x3 eigenvector "
                              f"matrix, got {mean!r}, {val!r}, {vec!r}")
-        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in val),
-                   tuple(tuple(float(v) for v in r) for r in vec), int(d.get("images", 0)))
+        return cls(mean, val, vec, d.get("images", 0))
 
 
 def _image_moments(path: str, shorter: int) -> tuple[np.ndarray, np.ndarray] | None:

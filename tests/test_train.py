@@ -1,0 +1,234 @@
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from imagefiles import bad_files, good_files
+from vggnet import preprocess
+from vggnet.checkpoint import load_checkpoint
+from vggnet.cli import main
+from vggnet.data import Batch
+from vggnet.model import create_model
+from vggnet.runtime import make_runtime
+from vggnet.synthetic import SyntheticSpec, make_synthetic
+from vggnet.train import PlateauSchedule, init_from, make_settings, train, train_step
+from vggnet.transforms import ColorStats
+from vggnet.weights import load_model
+
+TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, epochs=1, workers=0,
+            progress=False, stats_images=50)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 training and 6 validation images of 3 classes: 3 steps of 8 per epoch."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_synthetic(root, SyntheticSpec(seed=1, train_per_class=8, val_per_class=2, num_classes=3,
+                                       min_side=36, max_side=48), workers=1)
+    return root
+
+
+def settings(data, out, **kw):
+    return make_settings("reduced", **{**TINY, "data": str(data), "out": str(out), **kw})
+
+
+def _stats():
+    return ColorStats((120.0, 115.0, 100.0), (0.05, 0.01, 0.002), tuple(map(tuple, np.eye(3))))
+
+
+def _batches(n, micro, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    alpha = torch.randn(n, 3, generator=g) * 0.1
+    return [Batch(images[i:i + micro], labels[i:i + micro], alpha[i:i + micro], []) for i in range(0, n, micro)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_accumulation_equals_the_large_batch(precision):
+    runtime = make_runtime("cpu", precision)
+    stats = _stats()
+    prep = preprocess.paper(stats.mean_rgb)
+    weights = []
+    for micro in (8, 2):
+        model = create_model("A", num_classes=5, width=1 / 16, crop_size=32, dropout=0.0, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for step in range(2):
+            totals, skipped = train_step(model, opt, _batches(8, micro, seed=step), 8, runtime, prep, stats)
+        assert totals[3].item() == 8 and torch.isfinite(totals).all() and not skipped
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    moved = (weights[0] - torch.cat([p.flatten() for p in create_model(
+        "A", num_classes=5, width=1 / 16, crop_size=32, seed=0).parameters()])).abs().max()
+    assert moved > 1e-3  # the steps did something
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(weights[0], weights[1], atol=tol * moved.item(), rtol=0)
+
+
+def test_plateau_schedule_drops_then_stops():
+    s = PlateauSchedule(1e-2, patience=2, max_drops=2)
+    events = [s.step(e) for e in (0.9, 0.8, 0.8, 0.85, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7)]
+    assert events == ["improved", "improved", "kept", "dropped", "improved", "kept", "dropped",
+                      "kept", "stop", "stop"]
+    assert s.drops == 2 and abs(s.lr - 1e-4) < 1e-12
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted_run(data, tmp_path):
+    kw = dict(epochs=2, micro_batch=4, scale=(32, 48))
+    whole = train(settings(data, tmp_path / "whole", **kw))
+    assert whole.status == "finished" and whole.epochs == 2
+
+    def ctrl_c(step):
+        if step == 4:  # in the middle of epoch 2 (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = train(settings(data, tmp_path / "cut", **kw), on_step=ctrl_c)
+    assert cut.status == "interrupted"
+    ck = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 1, 4)
+    # resumed with loader worker processes: the data order and augmentation do not depend on them
+    resumed = train(resume=tmp_path / "cut", workers=1)
+    assert resumed.status == "finished" and resumed.epochs == 2
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for ra, rb in zip(a["metrics"], b["metrics"], strict=True):
+        for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "lr", "step"):
+            assert ra[key] == rb[key], key
+    lines = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("epoch,step,lr")
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(data, tmp_path, monkeypatch):
+    import vggnet.checkpoint
+
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1 writes last.pt and best.pt; epoch 2 dies writing last.pt
+            f.write(b"PK\x03\x04 half a zip")
+            raise OSError("No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(vggnet.checkpoint.torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(settings(data, tmp_path / "run", epochs=2))
+    monkeypatch.setattr(vggnet.checkpoint.torch, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt*")) == ["best.pt", "last.pt"]
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["epoch"] == 1 and ck["format"] == "vggnet.checkpoint/1"
+    assert train(resume=tmp_path / "run").epochs == 2
+
+
+@pytest.mark.parametrize("model", ["A", "A-LRN", "B", "C", "D", "E", "vgg11_bn"])
+def test_one_epoch_of_each_config(data, tmp_path, model):
+    r = train(settings(data, tmp_path / model, model=model))
+    assert r.status == "finished" and r.epochs == 1 and 0 <= r.best_top1_err <= 1
+    loaded = load_model(tmp_path / model / "best.pt")
+    assert loaded.class_names == ["disc", "ring", "square"]
+    assert loaded.model.config.name == {"vgg11_bn": "A_bn"}.get(model, model)
+    ck = load_checkpoint(tmp_path / model / "best.pt")
+    assert ck["train_settings"]["scale"] == [32, 40] and ck["train_settings"]["crop_size"] == 32
+    assert set(ck["stats"]) >= {"mean_rgb", "eigval", "eigvec"}
+    assert ck["preprocessing"]["mean"] == ck["stats"]["mean_rgb"]
+
+
+def test_run_folder_contents_and_stage_chaining(data, tmp_path):
+    a = train(settings(data, tmp_path / "A", epochs=2))
+    names = {p.name for p in (tmp_path / "A").iterdir()}
+    assert {"best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png", "lr.png",
+            "report.md", "settings.json", "tensorboard"} <= names
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "A" / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == a.history
+    assert "Training report: VGG A" in (tmp_path / "A" / "report.md").read_text()
+
+    deeper = create_model("D", num_classes=3, width=1 / 16, crop_size=32, seed=5)
+    summary, meta = init_from(deeper, tmp_path / "A")
+    net_a = load_model(tmp_path / "A" / "best.pt").model
+    for layer in ("conv1_1", "conv2_1", "conv3_1", "conv3_2"):
+        assert torch.equal(getattr(deeper.features, layer).weight, getattr(net_a.features, layer).weight)
+    assert torch.equal(deeper.classifier.fc6.weight, net_a.classifier.fc6.weight)
+    assert "net A" in summary and meta["stats"]["mean_rgb"]
+    r = train(settings(data, tmp_path / "D", model="D", init_from=str(tmp_path / "A"), lr=1e-3))
+    assert r.status == "finished"
+    assert load_checkpoint(tmp_path / "D" / "last.pt")["stats"] == meta["stats"]  # the same mean RGB
+
+
+def test_bad_files_refuse_to_start_then_skip(data, tmp_path, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    bad = bad_files(root / "train" / "ring")
+    good_files(root / "train" / "square", w=44, h=36)  # every convertible mode trains
+    with pytest.raises(ValueError, match=f"{len(bad)} file\\(s\\) .* cannot be decoded; training did not start") as e:
+        train(settings(root, tmp_path / "run"))
+    for name, (path, words) in bad.items():
+        assert str(path) in str(e.value) and words in str(e.value), name
+    assert not (tmp_path / "run").exists()  # nothing written
+    r = train(settings(root, tmp_path / "run", skip_bad=True))
+    assert r.status == "finished"
+    listed = (tmp_path / "run" / "bad_files.txt").read_text()
+    assert all(str(p) in listed for p, _ in bad.values())
+    assert f"{len(bad)} bad file(s) skipped" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_bad_file_met_mid_epoch_does_not_crash(data, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    bad = bad_files(root / "train" / "disc")
+    r = train(settings(root, tmp_path / "run", scan=False, epochs=1, batch_size=6))
+    assert r.status == "finished" and r.history[0]["bad_files"] >= 1
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["epoch"] == 1 and len(bad) > 0
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unwritable", "cannot write to the output folder"),
+    ("single", "single class"),
+    ("empty", "empty class folder"),
+    ("val", "validation classes differ from training classes"),
+    ("batch", "fewer than one batch of 64; lower --batch-size"),
+    ("init_from", "neither a run folder nor a checkpoint"),
+])
+def test_clear_errors_before_any_work(data, tmp_path, case, message):
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    out = tmp_path / "run"
+    kw = {}
+    if case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "run"
+    elif case == "single":
+        shutil.rmtree(root / "train" / "ring")
+        shutil.rmtree(root / "train" / "square")
+    elif case == "empty":
+        shutil.rmtree(root / "train" / "ring")
+        (root / "train" / "ring").mkdir()
+    elif case == "val":
+        shutil.rmtree(root / "val" / "ring")
+    elif case == "batch":
+        kw["batch_size"] = 64
+    elif case == "init_from":
+        kw["init_from"] = str(tmp_path / "nope")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train(settings(root, out, **kw))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_train_and_resume_rules(data, tmp_path, capsys):
+    args = ["train", "--data", str(data), "--preset", "reduced", "--model", "A", "--width", "0.0625",
+            "--crop-size", "32", "--scale", "32", "40", "--batch-size", "8", "--epochs", "1",
+            "--workers", "0", "--no-progress", "--stats-images", "20", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "finished after 1 epoch(s)" in out and "report.md" in out
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.1"]) == 2
+    assert "only --workers" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "2"]) == 2
