@@ -59,31 +59,39 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rt = make_runtime(args.device, args.precision)
-    scales = [int(q) for q in args.scales.split(",")]
-    model = create_model(args.arch, num_classes=1000, width=args.width, crop_size=args.crop, seed=0).eval()
-    loaded = LoadedModel(model, paper((123.7, 116.3, 103.5)), None)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = make_images(Path(tmp), args.images)
-        # warm-up: first calls pick kernels for each new shape
-        predict([loaded], paths[:1], [scales], ("dense", "multicrop"), batch_size=args.batch_size,
-                workers=0, runtime=rt)
-        rate = {"dense": 0.0, "multicrop": 0.0}
-        for _ in range(args.repeats):
-            for method in rate:
-                pred = predict([loaded], paths, [scales], (method,), batch_size=args.batch_size,
-                               workers=args.workers, runtime=rt)
-                rate[method] = max(rate[method], len(pred.kept) / pred.seconds)
+    r = measure(args.arch, args.width, args.crop, [int(q) for q in args.scales.split(",")],
+                args.images, args.batch_size, args.workers, rt, args.repeats)
     print(f"VGG {args.arch} width {args.width:g}, crop {args.crop}, Q={{{args.scales}}}, flips, "
           f"{args.images} images of 500x375/375x500, {rt.device} {rt.amp_dtype or torch.float32}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"dense multi-scale        : {rate['dense']:8.2f} images/s  (2 x {len(scales)} passes per image)")
-    print(f"multi-crop ({len(scales) * 50} crops)   : {rate['multicrop']:8.2f} images/s")
-    print(f"dense / multi-crop speed : {rate['dense'] / rate['multicrop']:.2f}x  (target >= 5x)")
+    print(f"dense multi-scale        : {r['dense']:8.2f} images/s  (2 x {len(r['scales'])} passes per image)")
+    print(f"multi-crop ({len(r['scales']) * 50} crops)   : {r['multicrop']:8.2f} images/s")
+    print(f"dense / multi-crop speed : {r['dense'] / r['multicrop']:.2f}x  (target >= 5x)")
+    print(f"multiply-adds per 4:3 image: dense {r['dense_macs'] / 1e9:.1f} G, multi-crop "
+          f"{r['multicrop_macs'] / 1e9:.1f} G (ratio {r['multicrop_macs'] / r['dense_macs']:.2f})")
+
+
+def measure(arch: str, width: float, crop: int, scales: list[int], images: int, batch_size: int,
+            workers: int | None, rt, repeats: int) -> dict:
+    """Images/s of dense and of multi-crop evaluation (best of ``repeats``, alternating), and
+    the multiply-adds each protocol needs for a 500x375 image. Also what ``vggnet bench`` runs."""
+    model = create_model(arch, num_classes=1000, width=width, crop_size=crop, seed=0).eval()
+    loaded = LoadedModel(model, paper((123.7, 116.3, 103.5)), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_images(Path(tmp), images)
+        # warm-up: first calls pick kernels for each new shape
+        predict([loaded], paths[:1], [scales], ("dense", "multicrop"), batch_size=batch_size,
+                workers=0, runtime=rt)
+        rate = {"dense": 0.0, "multicrop": 0.0}
+        for _ in range(repeats):
+            for method in rate:
+                pred = predict([loaded], paths, [scales], (method,), batch_size=batch_size,
+                               workers=workers, runtime=rt)
+                rate[method] = max(rate[method], len(pred.kept) / pred.seconds)
     # the arithmetic each protocol needs for a 500x375 image, for reference
     dense = sum(summarize(model.config, (q, round(q * 4 / 3)))["macs"] for q in scales) * 2
     crops = summarize(model.config)["macs"] * 50 * len(scales)
-    print(f"multiply-adds per 4:3 image: dense {dense / 1e9:.1f} G, multi-crop {crops / 1e9:.1f} G "
-          f"(ratio {crops / dense:.2f})")
+    return {**rate, "scales": scales, "dense_macs": dense, "multicrop_macs": crops}
 
 
 if __name__ == "__main__":

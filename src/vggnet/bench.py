@@ -80,6 +80,9 @@ class Settings:
     reduced_crop: int = PRESETS["reduced"]["crop_size"]
     reduced_batch: int = PRESETS["reduced"]["batch_size"]
     reduced_steps: int = 30  # cheap enough for a longer loss curve
+    eval_width: float = 0.25  # dense vs multi-crop: the full net takes minutes per image on a CPU
+    eval_scales: tuple[int, ...] = (256, 384, 512)
+    eval_images: int = 4
     repeats: int = 5
     matmul_n: int = 4096
     memory: bool = True
@@ -89,7 +92,7 @@ class Settings:
     def quick(cls) -> Settings:
         return cls(crop=32, width=1 / 16, inference_batches=(2,), train_batch=2, train_steps=2,
                    reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, reduced_steps=3,
-                   repeats=2, matmul_n=256)
+                   eval_width=1 / 16, eval_scales=(32, 48), eval_images=1, repeats=2, matmul_n=256)
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -310,6 +313,38 @@ def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
                          f"float32 {acc['float32']:.2f}%"])
 
 
+# --- items 3 and 4: the input pipeline and dense evaluation, from their own scripts ------------
+def benchmark_script(name: str):
+    """Import benchmarks/NAME.py of this source tree (None when vggnet runs from elsewhere)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"vggnet_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_evaluation(s: Settings, rt: Runtime) -> Result | None:
+    """Dense multi-scale evaluation against 150 crops at the same scales, through
+    benchmarks/eval_dense_vs_multicrop.py (best of its repeats, alternating)."""
+    script = benchmark_script("eval_dense_vs_multicrop")
+    if script is None:
+        return None
+    cfg = _config(s, width=s.eval_width)
+    r = script.measure(cfg.arch, cfg.width, cfg.crop_size, list(s.eval_scales), s.eval_images,
+                       16, 0, rt, s.repeats)
+    return Result(f"evaluation dense vs {50 * len(s.eval_scales)} crops, {_label(cfg)}, "
+                  f"Q={{{','.join(map(str, s.eval_scales))}}}", "img/s", r["dense"], r["multicrop"],
+                  target=">= 5x",
+                  notes=[f"baseline here = multi-crop through the same runtime; {s.eval_images} "
+                         "images of 500x375/375x500, best of repeats (benchmarks/eval_dense_vs_multicrop.py); "
+                         f"multiply-adds per image dense {r['dense_macs'] / 1e9:.1f} G, "
+                         f"multi-crop {r['multicrop_macs'] / 1e9:.1f} G"])
+
+
 # --- item 5: memory -----------------------------------------------------------------------
 _PROBE = """
 import json, sys
@@ -413,7 +448,7 @@ def _load() -> str:
         return "n/a"
 
 
-ITEMS = ("inference", "agreement", "training", "memory")
+ITEMS = ("inference", "agreement", "training", "evaluation", "memory")
 
 
 def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[str] = ITEMS,
@@ -467,6 +502,12 @@ def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[st
     if "training" in items:
         emit(bench_training(s, rt, peak, _config(s), s.train_batch, s.train_steps))
         emit(bench_training(s, rt, peak, reduced, s.reduced_batch, s.reduced_steps))
+    if "evaluation" in items:
+        r = bench_evaluation(s, rt)
+        if r:
+            emit(r)
+        else:
+            log("evaluation: skipped, benchmarks/eval_dense_vs_multicrop.py is not next to this vggnet")
     if "memory" in items and s.memory:
         for r in bench_memory(rt, [("inference", _config(s), max(s.inference_batches)),
                                    ("training", _config(s), s.train_batch)]):
