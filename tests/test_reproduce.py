@@ -66,3 +66,60 @@ def test_report_lays_out_tables_beside_the_paper():
     assert "standard error of about 0.2 points" in text
     full = rp.render(_paper_cells(), title_lines=[])
     assert "(here" not in full and "| B | 256 | 224,256,288 | **28.2** | 28.2 |" in full
+
+
+def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
+    """The whole chain at a tiny size: 12 trainings, every cell, the report; then a rerun
+    that only redoes what was deleted."""
+    import json
+
+    import torch
+
+    from vggnet import train as train_module
+    from vggnet.cli import main
+
+    out = tmp_path / "study"
+    args = ["reproduce", "--out", str(out), "--epochs", "1", "--finetune-epochs", "1",
+            "--train-per-class", "7", "--val-per-class", "2", "--width", "0.0625", "--device", "cpu",
+            "--workers", "0", "--threads", "1"]
+    threads = torch.get_num_threads()
+    assert main(args) == 0
+    assert torch.get_num_threads() == threads  # restored
+    text = (out / "report.md").read_text()
+    assert "not run" not in text and "| E@jit | 1 | finished |" in text
+    for n in (3, 4, 5, 6):
+        assert f"### Table {n}:" in text
+    cells = rp.load_cells(out)
+    assert set(cells) == set(rp.PAPER) and {c["images"] for c in cells.values()} == {20}
+    # the paper's chaining, as the training runs recorded it
+    d384 = json.loads((out / "nets" / "D@384" / "settings.json").read_text())
+    assert d384["init_from"].endswith("D@256") and d384["scale"] == [110, 110]
+    assert abs(d384["lr"] - 1e-3) < 1e-12  # the S=384 stage: lr/10
+    ejit = json.loads((out / "nets" / "E@jit" / "settings.json").read_text())
+    assert ejit["init_from"].endswith("E@384") and ejit["scale"] == [73, 146]
+    assert cells["E@jit/multi/dense"]["scales"] == [73, 109, 146]  # the middle of [73, 146]
+    assert "256,384,512 (here 73,109,146)" in text
+    assert cells["D@256/multi/dense"]["scales"] == [64, 73, 82]
+    assert cells["C@jit/single/dense"]["scales"] == [109]
+    # the D+E ensemble is the mean of the stored posteriors of D and E
+    post = [torch.load(out / "posteriors" / f"{n}__multi.pt", weights_only=True) for n in ("D@jit", "E@jit")]
+    from vggnet.evaluate import scores
+    s = scores((post[0]["dense"] + post[1]["dense"]) / 2, post[0]["labels"], [str(i) for i in range(10)])
+    assert abs(s["top1_err"] - cells["D+E/multi/dense"]["top1_err"]) < 1e-9
+    capsys.readouterr()
+
+    # rerun: nothing is trained or evaluated again except what was removed
+    def no_training(*a, **k):
+        raise AssertionError("a finished training ran again")
+
+    (out / "cells" / "D+E__multi__dense.json").unlink()
+    (out / "cells" / "A@256__single__dense.json").unlink()
+    kept = (out / "cells" / "B@256__single__dense.json").stat().st_mtime_ns
+    orig = train_module.train
+    train_module.train = no_training
+    try:
+        assert main(args) == 0
+    finally:
+        train_module.train = orig
+    assert set(rp.load_cells(out)) == set(rp.PAPER)
+    assert (out / "cells" / "B@256__single__dense.json").stat().st_mtime_ns == kept

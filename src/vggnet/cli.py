@@ -375,6 +375,49 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+# --- reproduce -----------------------------------------------------------------------------
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import Study, StudySettings, findings, load_cells
+
+    settings = StudySettings(preset=args.preset, data=args.data, out=args.out, epochs=args.epochs,
+                             finetune_epochs=args.finetune_epochs, train_per_class=args.train_per_class,
+                             val_per_class=args.val_per_class, width=args.width, threads=args.threads,
+                             device=args.device, precision=args.precision, workers=args.workers,
+                             progress=args.progress)
+    report = Study(settings).run()
+    for f in findings(load_cells(args.out)):
+        print(f"{f.verdict:>16}: {f.claim}")
+    print(f"wrote {report}")
+    return 0
+
+
+def _add_reproduce(sub) -> None:
+    from .reproduce import STUDY_PRESETS
+
+    p = sub.add_parser("reproduce", help="the paper's study: train, evaluate, Tables 3-6 and findings",
+                       description="Train what Tables 3-6 need (A, A-LRN, B, C, D, E at S=256; C, D, E "
+                       "at S=384 from their S=256 nets and at S=[256;512] from their S=384 nets; B-E "
+                       "start from A), evaluate every cell, and write OUT/report.md with each number "
+                       "beside the paper's and a verdict on each finding. Rerunning resumes: finished "
+                       "trainings and cells are kept.")
+    p.add_argument("--data", help="dataset with train/ and val/ (default: the built-in dataset, "
+                   "written to OUT/data; the paper preset needs ImageNet here)")
+    p.add_argument("--out", default="reproduce", help="study folder (default: ./reproduce)")
+    p.add_argument("--preset", choices=sorted(STUDY_PRESETS), default="reduced",
+                   help="reduced: 64-pixel crops on 2 CPU cores; paper: the full protocol")
+    p.add_argument("--epochs", type=int, help="epochs of each S=256 stage")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of each S=384 and jittered stage")
+    p.add_argument("--train-per-class", type=int, help="built-in dataset: training images per class")
+    p.add_argument("--val-per-class", type=int, help="built-in dataset: validation images per class")
+    p.add_argument("--width", type=float, help="width multiplier of every net")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--workers", type=int, help="training loader processes")
+    p.add_argument("--progress", action="store_true", help="progress bars while training")
+    p.set_defaults(func=cmd_reproduce)
+
+
 # --- predict, features, probe, export --------------------------------------------------------
 def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="vggnet weights file or training checkpoint "
@@ -564,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(Simonyan & Zisserman, ICLR 2015).")
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_data, _add_train, _add_evaluate, _add_convert, _add_predict,
-                _add_features, _add_probe, _add_export, _add_bench):
+    for add in (_add_demo, _add_info, _add_data, _add_train, _add_evaluate, _add_reproduce, _add_convert,
+                _add_predict, _add_features, _add_probe, _add_export, _add_bench):
         add(sub)
     return parser
 

@@ -226,7 +226,7 @@ def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequenc
     buckets = SizeBuckets(batch_size, budget)
     loader = torch.utils.data.DataLoader(
         RescaledImages(paths, all_scales), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity, pin_memory=rt.device.type == "cuda")
+        collate_fn=_identity)
     skipped, seen = [], torch.zeros(n, dtype=torch.bool)
 
     def run(batch: list) -> None:
@@ -376,6 +376,8 @@ class EvalReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    prediction: Prediction | None = None  # the posteriors behind the metrics (not written out)
+    labels: torch.Tensor | None = None  # (N_kept,) true classes in the models' class order
 
     @property
     def images_per_s(self) -> float:
@@ -424,10 +426,10 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
         for mi in members:
             for p in settings.passes:
                 s = scores(pred.posteriors[(mi, p)], labels, out_names)
-                parts[f"{names[mi]} / {p}"] = {k: s[k] for k in ("top1_err", "top5_err")}
+                parts[f"{names[mi]} / {p}"] = {k: s[k] for k in ("top1_err", "top5_err", "images")}
     return EvalReport(names, settings.method, [list(q) for q in scales], settings.flip, settings.grid,
                       out_names, scores(final, labels, out_names), parts, pred.skipped, pred.seconds,
-                      str(rt.device))
+                      str(rt.device), pred, labels)
 
 
 def list_eval_data(root: str | os.PathLike, split: str = "val", val_labels=None) -> tuple[list, list[str]]:

@@ -12,9 +12,18 @@ does the cells (and trainings) that have no file yet.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .evaluate import PAPER_CROP
 
 # --- what the paper trained and measured ------------------------------------------------------
 TRAIN_SCALES = {"256": (256, 256), "384": (384, 384), "jit": (256, 512)}  # paper pixels
@@ -124,6 +133,15 @@ def _scaled(text: str, factor: float) -> str:
     return f"{text} (here {re.sub(r'[0-9]+', lambda m: str(round(int(m.group()) * factor)), text)})"
 
 
+def _q(cells: Cells, cid: str, paper_q: str, factor: float) -> str:
+    """The paper's test scales, with the ones this run used (recorded in the cell) beside them."""
+    used = cells.get(cid, {}).get("scales")
+    if used is None:
+        return _scaled(paper_q, factor)
+    here = ",".join(str(q) for q in used)
+    return paper_q if here == paper_q else f"{paper_q} (here {here})"
+
+
 TRAIN_S = {"256": "256", "384": "384", "jit": "[256;512]"}
 TEST_Q = {"single": {"256": "256", "384": "384", "jit": "384"},
           "multi": {"256": "224,256,288", "384": "352,384,416", "jit": "256,384,512"}}
@@ -144,12 +162,12 @@ def tables(cells: Cells, factor: float = 1.0) -> str:
                 cid = f"{a}@{s}/{scales}/dense"
                 if cid in PAPER:
                     row = [a if first else "", _scaled(TRAIN_S[s], factor),
-                           _scaled(TEST_Q[scales][s], factor), *_pair(cells, cid)]
+                           _q(cells, cid, TEST_Q[scales][s], factor), *_pair(cells, cid)]
                     out.append("| " + " | ".join(row) + " |")
                     first = False
         out.append("")
     out += [f"### Table 5: ConvNet evaluation techniques comparison (train S={_scaled('[256;512]', factor)}, "
-            f"test Q={_scaled('256,384,512', factor)})", "", f"| ConvNet config. (Table 1) | Evaluation method | {ERR_HEAD} |",
+            f"test Q={_q(cells, 'D@jit/multi/dense', '256,384,512', factor)})", "", f"| ConvNet config. (Table 1) | Evaluation method | {ERR_HEAD} |",
             "|---|---|---|---|---|---|"]
     for a in ("D", "E"):
         for i, (m, label) in enumerate((("dense", "dense"), ("multicrop", "multi-crop"),
@@ -262,8 +280,7 @@ def standard_error(cells: Cells) -> float | None:
     return 100 * math.sqrt(p * (1 - p) / min(ns))
 
 
-def render(cells: Cells, *, title_lines: list[str], factor: float = 1.0,
-           timing: Callable[[], list[str]] | None = None) -> str:
+def render(cells: Cells, *, title_lines: list[str], factor: float = 1.0) -> str:
     """The whole Markdown report."""
     lines = ["# Reproducing Simonyan & Zisserman (ICLR 2015), Tables 3-6", "", *title_lines, "",
              "Errors in %: **this run's**, each beside the paper's (ILSVRC-2012 validation set). "
@@ -278,6 +295,259 @@ def render(cells: Cells, *, title_lines: list[str], factor: float = 1.0,
               "| finding | paper | this run | reproduced |", "|---|---|---|---|"]
     for f in findings(cells):
         lines.append(f"| {f.claim} | {f.paper} | {f.ours or '-'} | {f.verdict} |")
-    if timing:
-        lines += ["", *timing()]
     return "\n".join(lines) + "\n"
+
+
+# --- running the study --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyPreset:
+    """How big a study is: the training preset (``train.PRESETS``) and what it changes."""
+
+    train_preset: str
+    epochs: int | None = None  # the S=256 stages (from scratch, or from A); None: the preset's
+    finetune_epochs: int | None = None  # the S=384 and jittered stages (initialised from a net)
+    train_per_class: int = 0  # the built-in dataset, used when no --data is given
+    val_per_class: int = 0
+    eval_batch: int = 32  # crop-sized inputs per forward pass
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+
+STUDY_PRESETS = {
+    # the paper's protocol as it is: full nets, 224 crops, S=256/384/[256;512], ImageNet
+    "paper": StudyPreset("paper"),
+    # the same chain and tables on the built-in dataset at 64-pixel crops, for 2 CPU cores
+    # One thread: these nets are so small that a second thread gains little, and on a shared
+    # 2-core machine two threads made training 7x slower (876 vs 123 images/s for A, measured).
+    "reduced": StudyPreset("reduced", epochs=6, finetune_epochs=3, train_per_class=150,
+                           val_per_class=40, threads=1),
+}
+
+
+@dataclass
+class StudySettings:
+    preset: str = "reduced"
+    data: str | None = None  # None: the built-in dataset, written to OUT/data
+    out: str = "reproduce"
+    epochs: int | None = None  # overrides the preset's
+    finetune_epochs: int | None = None
+    train_per_class: int | None = None
+    val_per_class: int | None = None
+    width: float | None = None  # overrides the training preset's width
+    threads: int | None = None  # overrides the preset's torch CPU threads
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None  # training loader processes
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in STUDY_PRESETS:
+            raise ValueError(f"unknown study preset {self.preset!r}; choose one of {sorted(STUDY_PRESETS)}")
+        if self.preset == "paper" and self.data is None:
+            raise ValueError("the paper preset trains on ImageNet: give --data DIR (train/ and val/)")
+
+    def resolved(self) -> StudyPreset:
+        p = STUDY_PRESETS[self.preset]
+        over = {k: getattr(self, k) for k in ("epochs", "finetune_epochs", "train_per_class",
+                                              "val_per_class", "threads") if getattr(self, k) is not None}
+        return dataclasses.replace(p, **over)
+
+
+def scaled_scale(key: str, crop: int) -> tuple[int, int]:
+    """A paper training scale in pixels for this crop: [256;512] -> [73;146] at crop 64."""
+    lo, hi = TRAIN_SCALES[key]
+    return round(lo * crop / PAPER_CROP), round(hi * crop / PAPER_CROP)
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomically: a crash leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _file(cid: str) -> str:
+    return cid.replace("/", "__").replace(" ", "_") + ".json"
+
+
+def load_cells(out: str | os.PathLike) -> dict[str, dict]:
+    """Every finished cell in OUT/cells, by cell id."""
+    folder = Path(out) / "cells"
+    cells = {}
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        d = json.loads(f.read_text())
+        cells[d["cell"]] = d
+    return cells
+
+
+class Study:
+    """One study in one folder: OUT/data (the built-in dataset), OUT/nets/<net> (training runs),
+    OUT/cells/*.json (results), OUT/posteriors (what ensembles need), OUT/report.md."""
+
+    def __init__(self, settings: StudySettings, log: Callable[[str], None] = print) -> None:
+        from .train import make_settings
+
+        self.s, self.log = settings, log
+        self.preset = settings.resolved()
+        self.out = Path(settings.out)
+        self.base = make_settings(self.preset.train_preset, width=settings.width)
+        self.crop = self.base.crop_size
+        self.data = settings.data
+
+    # --- data ---
+    def prepare_data(self) -> None:
+        """The built-in dataset unless --data; then one scan for bad files (training skips its
+        own scan), refusing to start on bad files as training does."""
+        from .data import check_dataset, format_bad, open_dataset
+        from .synthetic import SyntheticSpec, make_synthetic
+
+        if self.data is None:
+            spec = SyntheticSpec(train_per_class=self.preset.train_per_class,
+                                 val_per_class=self.preset.val_per_class)
+            self.data = str(self.out / "data")
+            if make_synthetic(self.data, spec):
+                self.log(f"wrote the built-in dataset to {self.data}")
+        report = check_dataset(open_dataset(self.data))
+        if report.bad:
+            raise ValueError(f"{len(report.bad)} file(s) in {self.data!r} cannot be decoded; the study "
+                             f"did not start:\n{format_bad(report.bad)}\nfix or remove them")
+        self.dataset = report.dataset
+
+    # --- training ---
+    def net_folder(self, net: str) -> Path:
+        return self.out / "nets" / net
+
+    def train_net(self, job: NetJob) -> dict:
+        from .train import make_settings, train
+
+        folder = self.net_folder(job.id)
+        done = folder / "done.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        first_stage = job.scale == "256"
+        runtime = dict(device=self.s.device, precision=self.s.precision, workers=self.s.workers,
+                       progress=self.s.progress)
+        if (folder / "last.pt").is_file():
+            self.log(f"[{job.id}] resuming the interrupted training run in {folder}")
+            result = train(resume=folder, **runtime)
+        else:
+            settings = make_settings(
+                self.preset.train_preset, data=self.data, out=str(folder), model=job.arch,
+                width=self.s.width, scale=scaled_scale(job.scale, self.crop),
+                init_from=str(self.net_folder(job.init_from)) if job.init_from else None,
+                lr=self.base.lr * job.lr_factor, scan=False,
+                epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs, **runtime)
+            self.log(f"[{job.id}] training VGG {job.arch} at S={list(settings.scale)}"
+                     + (f", initialised from {job.init_from}, lr {settings.lr:g}" if job.init_from else ""))
+            result = train(settings)
+        if result.status == "interrupted":
+            raise KeyboardInterrupt
+        summary = {"net": job.id, "status": result.status, "epochs": result.epochs,
+                   "seconds": result.seconds, "best_top1_err": 100 * result.best_top1_err,
+                   "best_top5_err": 100 * result.best_top5_err}
+        _write_json(done, summary)
+        self.log(f"[{job.id}] {result.status} after {result.epochs} epochs, {result.seconds / 60:.1f} min")
+        return summary
+
+    # --- evaluation ---
+    def evaluate_job(self, job: EvalJob) -> None:
+        from .checkpoint import atomic_save
+        from .evaluate import EvalSettings, evaluate
+
+        cids = [f"{job.id}/{m}" for m in job.methods]
+        if len(job.methods) == 2:
+            cids.append(f"{job.id}/dense+multicrop")
+        post = self.out / "posteriors" / f"{job.net}__{job.scales}.pt"
+        if all((self.out / "cells" / _file(c)).is_file() for c in cids) and (not job.keep_posteriors
+                                                                              or post.is_file()):
+            return
+        ckpt = self.net_folder(job.net) / "last.pt"
+        method = "dense+multicrop" if len(job.methods) == 2 else job.methods[0]
+        settings = EvalSettings(method=method, multi_scale=job.scales == "multi",
+                                batch_size=self.preset.eval_batch)
+        r = evaluate([ckpt], self.dataset.val.samples, self.dataset.class_names, settings,
+                     device=self.s.device, precision=self.s.precision)
+        common = {"scales": r.scales[0], "skipped": len(r.skipped), "checkpoint": str(ckpt)}
+        if len(job.methods) == 2:
+            for m in job.methods:
+                part = r.parts[f"{ckpt} / {m}"]
+                _write_json(self.out / "cells" / _file(f"{job.id}/{m}"), {"cell": f"{job.id}/{m}", **part, **common})
+        m = r.metrics
+        # the evaluation's time goes with the cell named for its method, once
+        _write_json(self.out / "cells" / _file(f"{job.id}/{method}"),
+                    {"cell": f"{job.id}/{method}", "top1_err": m["top1_err"], "top5_err": m["top5_err"],
+                     "images": m["images"], "seconds": r.seconds, **common})
+        if job.keep_posteriors:
+            pred = r.prediction
+            atomic_save({"kept": torch.tensor(pred.kept), "labels": r.labels,
+                         **{p: pred.posteriors[(0, p)] for p in job.methods}}, post)
+        self.log(f"[{job.id}] {method}: top-1 {m['top1_err']:.2f}%, top-5 {m['top5_err']:.2f}% "
+                 f"({m['images']} images, {r.images_per_s:.1f}/s)")
+
+    def ensemble(self, cid: str, members: tuple[str, ...], methods: tuple[str, ...]) -> None:
+        from .checkpoint import load_checkpoint
+        from .evaluate import scores
+
+        path = self.out / "cells" / _file(cid)
+        if path.is_file():
+            return
+        parts = [load_checkpoint(self.out / "posteriors" / f"{n}__multi.pt") for n in members]
+        for n, p in zip(members[1:], parts[1:], strict=True):
+            if not torch.equal(p["kept"], parts[0]["kept"]) or not torch.equal(p["labels"], parts[0]["labels"]):
+                raise ValueError(f"the posteriors of {n} and {members[0]} cover different images; "
+                                 f"delete {self.out / 'posteriors'} and rerun to evaluate them again")
+        # the paper's fusion: the mean of the members' (and methods') soft-max posteriors
+        mean = torch.stack([p[m] for p in parts for m in methods]).mean(0)
+        s = scores(mean, parts[0]["labels"], self.dataset.class_names)
+        _write_json(path, {"cell": cid, "top1_err": s["top1_err"], "top5_err": s["top5_err"],
+                           "images": s["images"], "members": list(members), "methods": list(methods)})
+        self.log(f"[{cid}] top-1 {s['top1_err']:.2f}%, top-5 {s['top5_err']:.2f}%")
+
+    # --- the whole thing ---
+    def run(self) -> Path:
+        threads = torch.get_num_threads()
+        if self.preset.threads:
+            torch.set_num_threads(self.preset.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> Path:
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prepare_data()
+        trained = [self.train_net(j) for j in net_jobs()]
+        for j in eval_jobs():
+            self.evaluate_job(j)
+        for cid, (members, methods) in ensemble_cells().items():
+            self.ensemble(cid, members, methods)
+        cells = load_cells(self.out)
+        train_s = sum(t["seconds"] for t in trained)
+        eval_s = sum(c.get("seconds", 0.0) for c in cells.values())
+        d = self.dataset
+        b = self.base
+        title = [
+            f"- Study preset `{self.s.preset}` (training preset `{self.preset.train_preset}`): VGG "
+            f"width {b.width if self.s.width is None else self.s.width:g}, crop {self.crop}, batch "
+            f"{b.batch_size}, lr {b.lr:g} (S=384 and jittered stages: lr/10, initialised from the "
+            "previous stage; B-E at S=256 from A), "
+            + (f"{self.preset.epochs} epochs per S=256 stage, {self.preset.finetune_epochs} per "
+               "later stage" if self.preset.epochs else f"at most {b.epochs} epochs per stage, lr "
+               "divided by 10 on validation plateaus"),
+            f"- Data: `{self.data}` ({d.layout}): {len(d.train):,} training and {len(d.val):,} "
+            f"validation images, {len(d.class_names)} classes",
+            f"- Measured time: training {train_s / 60:.1f} min (12 nets), evaluation "
+            f"{eval_s / 60:.1f} min; this invocation {(time.perf_counter() - t0) / 60:.1f} min "
+            f"({os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), device "
+            f"{self.s.device})",
+        ]
+        rows = ["", "## Training runs", "", "| net | epochs | status | minutes | best val. top-1 / top-5 "
+                "(centre crop) |", "|---|---|---|---|---|"]
+        rows += [f"| {t['net']} | {t['epochs']} | {t['status']} | {t['seconds'] / 60:.1f} | "
+                 f"{t['best_top1_err']:.1f} / {t['best_top5_err']:.1f} |" for t in trained]
+        text = render(cells, title_lines=title, factor=self.crop / PAPER_CROP) + "\n".join(rows) + "\n"
+        (self.out / "report.md").write_text(text)
+        _write_json(self.out / "timing.json", {"training_s": train_s, "evaluation_s": eval_s,
+                                               "invocation_s": time.perf_counter() - t0})
+        return self.out / "report.md"
