@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .info import summarize
 from .model import VGGConfig, build
-from .runtime import Runtime, make_runtime
+from .runtime import Runtime, cpu_has_native_bf16, make_runtime
 from .train import PRESETS
 
 
@@ -458,8 +458,9 @@ def machine_line() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads{gpu}, "
-            f"torch {torch.__version__}")
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return (f"{model} ({bf16}), {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch "
+            f"threads{gpu}, torch {torch.__version__}")
 
 
 def _load() -> str:
