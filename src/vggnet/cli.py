@@ -396,7 +396,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     settings = StudySettings(preset=args.preset, data=args.data, out=args.out, epochs=args.epochs,
                              finetune_epochs=args.finetune_epochs, train_per_class=args.train_per_class,
-                             val_per_class=args.val_per_class, width=args.width, threads=args.threads,
+                             val_per_class=args.val_per_class, width=args.width, batch_size=args.batch_size,
+                             threads=args.threads,
                              device=args.device, precision=args.precision, workers=args.workers,
                              progress=args.progress)
     report = Study(settings).run()
@@ -425,6 +426,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--train-per-class", type=int, help="built-in dataset: training images per class")
     p.add_argument("--val-per-class", type=int, help="built-in dataset: validation images per class")
     p.add_argument("--width", type=float, help="width multiplier of every net")
+    p.add_argument("--batch-size", type=int, help="global batch of every training (default: the preset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
