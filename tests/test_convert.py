@@ -12,7 +12,7 @@ from torch import nn
 from vggnet import preprocess
 from vggnet.cli import main
 from vggnet.convert import convert, file_sha256, import_weights
-from vggnet.imagenet import imagenet_classes
+from vggnet.imagenet import describe, imagenet_classes
 from vggnet.weights import load_model
 
 W = 1 / 16  # reduced width: the real layouts and key names, 1/256 of the multiply-adds
@@ -83,7 +83,7 @@ def test_torchvision_state_dict(tmp_path, arch, bn):
     c = loaded.model.config
     assert (c.arch, c.batch_norm, c.width, c.crop_size, c.num_classes) == (arch, bn, W, 224, 1000)
     assert loaded.preprocessing == preprocess.TORCHVISION
-    assert loaded.class_names[0] == "tench" and loaded.class_names[999] == "toilet tissue"
+    assert loaded.class_names[0] == "n01440764" and loaded.class_names[999] == "n15075141"
     x = _pixels(2, 224, 224)
     # torchvision's input: RGB in [0, 1], ImageNet mean/std
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -356,6 +356,14 @@ def test_convert_cli_writes_our_format(tv_file, tmp_path, capsys):
         assert torch.equal(v, again.model.state_dict()[k])
 
 
+def test_missing_tensor_is_named(tv_file, tmp_path):
+    state = torch.load(tv_file, weights_only=True)
+    del state["features.5.bias"]  # conv2_1 (features.0, 2 are block 1's convs, 4 its pool)
+    torch.save(state, tmp_path / "no_bias.pth")
+    with pytest.raises(ValueError, match=r"missing \['features.conv2_1.bias'\]"):
+        import_weights(tmp_path / "no_bias.pth")
+
+
 def test_unrecognised_files(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"\xff\xfe not a model")
     with pytest.raises(ValueError, match="not a weights file vggnet recognises"):
@@ -371,3 +379,4 @@ def test_imagenet_classes():
     assert [c.wnid for c in classes] == sorted(c.wnid for c in classes)
     assert (classes[0].wnid, classes[0].name) == ("n01440764", "tench")
     assert (classes[999].wnid, classes[999].name) == ("n15075141", "toilet tissue")
+    assert describe("n01440764") == "tench (n01440764)" and describe("cat") == "cat"

@@ -1,4 +1,4 @@
-import socket
+import datetime
 
 import pytest
 import torch
@@ -32,12 +32,6 @@ def test_single_process_collectives_are_identity():
     assert D.wrap_ddp(m, D.DistInfo(), torch.device("cpu")) is m
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny():
     return vggnet.create_model("A", num_classes=4, width=0.0625, crop_size=32, dropout=0.0, seed=0)
 
@@ -51,13 +45,12 @@ def _steps(model, x, y, opt, info, micro):
         opt.step()
 
 
-def _worker(rank, world, port, out, compression):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _worker(rank, world, store, out, compression):
     torch.set_num_threads(1)
-    info = D.init_distributed(torch.device("cpu"), timeout_s=60)
+    # a file rendezvous: no TCP port to race for with other processes on the machine
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    info = D.DistInfo(rank, world, rank)
     try:
         assert D.agree(rank == 1, False) == [True, False]
         assert D.all_reduce_sum(torch.tensor([float(rank + 1)])).item() == world * (world + 1) / 2
@@ -86,7 +79,7 @@ def _worker(rank, world, port, out, compression):
 @pytest.mark.parametrize("compression,tol", [("none", 1e-6), ("bf16", 2e-3), ("fp16", 1e-3)])
 def test_two_process_ddp_equals_one_process(tmp_path, compression, tol):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), compression), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out), compression), nprocs=2, join=True)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
     ref = _tiny()
@@ -99,13 +92,14 @@ def test_two_process_ddp_equals_one_process(tmp_path, compression, tol):
 
 
 def test_fault_injection_spec(monkeypatch):
-    monkeypatch.setenv(D.FAULT_ENV, "1:x")
-    with pytest.raises(ValueError, match="'RANK:STEP', got '1:x'"):
-        D.maybe_inject_fault(D.DistInfo(1, 2), 3)
-    monkeypatch.setenv(D.FAULT_ENV, "1:3")
-    D.maybe_inject_fault(D.DistInfo(0, 2), 3)  # other rank: nothing happens
+    monkeypatch.setenv(D.FAULT_ENV, "1:x:kill")
+    with pytest.raises(ValueError, match="'RANK:STEP\\[-STEP\\]:ACTION'.*got '1:x:kill'"):
+        D.injected_fault(D.DistInfo(1, 2), 3)
+    monkeypatch.setenv(D.FAULT_ENV, "1:2-4:nan")
+    assert [D.injected_fault(D.DistInfo(1, 2), k) for k in range(1, 6)] == [None, "nan", "nan", "nan", None]
+    assert D.injected_fault(D.DistInfo(0, 2), 3) is None  # other rank: nothing happens
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    D.maybe_inject_fault(D.DistInfo(1, 2), 3)  # restarted group: nothing happens
+    assert D.injected_fault(D.DistInfo(1, 2), 3) is None  # restarted group: nothing happens
 
 
 def test_torchrun_command():

@@ -174,3 +174,17 @@ def test_info_rows_sum_to_model():
     fc6 = next(r for r in s["rows"] if r.name == "fc6")
     assert fc6.shape == (1024, 2, 1) and fc6.macs == 2 * 1024 * 128 * 4
     assert math.isclose(s["activation_bytes"], 4 * sum(math.prod(r.shape) for r in s["rows"]))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_as_conv_is_the_convolution(kernel, channels_last):
+    from vggnet.model import linear_as_conv
+
+    g = torch.Generator().manual_seed(0)
+    fc = nn.Linear(4 * kernel * kernel, 6)
+    x = torch.randn(2, 4, 5, 7, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = nn.functional.conv2d(x, fc.weight.view(6, 4, kernel, kernel), fc.bias)
+    torch.testing.assert_close(linear_as_conv(fc, x, kernel), expected, rtol=1e-5, atol=1e-5)

@@ -22,3 +22,65 @@ def test_bad_runtime_choices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             make_runtime("cuda")
+
+
+def test_defaults_follow_the_hardware():
+    from vggnet.runtime import cpu_has_native_bf16
+
+    rt = make_runtime("cpu")
+    assert rt.channels_last and not rt.compile
+    assert rt.amp_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert rt.optimizer_options() == {"fused": True}
+    assert rt.describe().startswith("cpu ") and not rt.pin_memory
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 9)])
+def test_maxpool2x2_is_max_pool2d(h, w):
+    from vggnet.runtime import MaxPool2x2
+
+    x = torch.randn(2, 5, h, w, generator=torch.Generator().manual_seed(0))
+    for t in (x, x.contiguous(memory_format=torch.channels_last), x.to(torch.bfloat16)):
+        out = MaxPool2x2()(t)
+        assert torch.equal(out, torch.nn.functional.max_pool2d(t, 2, 2))
+    assert MaxPool2x2()(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["A-LRN", "vgg11_bn"])
+def test_prepare_inference_matches_float32(name):
+    from vggnet.runtime import MaxPool2x2
+
+    model = vggnet.create_model(name, num_classes=5, width=0.0625, crop_size=32, seed=0).eval()
+    for m in model.modules():  # non-trivial batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ref_dense = model(x[..., :32, :32]), model.forward_dense(x)
+    rt = make_runtime("cpu", "bf16")
+    fast = rt.prepare_inference(model)
+    assert fast is model and not fast.training
+    assert fast.features.conv1_1.weight.dtype == torch.bfloat16
+    assert fast.classifier.fc6.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if ".bn" in n)
+    assert isinstance(fast.features.pool1, MaxPool2x2)
+    with rt.inference():
+        out, dense = fast(rt.input(x[..., :32, :32])), fast.forward_dense(rt.input(x))
+    assert out.dtype == torch.bfloat16 and dense.shape == ref_dense.shape == (3, 5, 2, 3)
+    # bf16 has an 8-bit mantissa: a few parts in a thousand, relative to the logits' scale
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (dense.float() - ref_dense).abs().max() <= 0.02 * ref_dense.abs().max()
+
+
+def test_prepare_inference_fp32_keeps_weights():
+    model = vggnet.create_model("A", num_classes=3, width=0.0625, crop_size=32, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    rt = make_runtime("cpu", "fp32", channels_last=False)
+    fast = rt.prepare_inference(model)
+    with rt.inference():
+        out = fast(rt.input(x))
+    assert fast.features.conv1_1.weight.dtype == torch.float32
+    torch.testing.assert_close(out, ref)

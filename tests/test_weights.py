@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,10 @@ def test_safetensors_roundtrip(tmp_path):
     assert loaded.meta["provenance"] == {"source": "test"}
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.model(x), m(x))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [f.name for f in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left
 
 
 def test_checkpoint_is_loadable_as_model(tmp_path):
@@ -61,3 +67,14 @@ def test_foreign_and_malicious_files_are_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ValueError, match="junk.safetensors"):
         load_model(tmp_path / "junk.safetensors")
+
+
+def test_safetensors_header_length_starting_like_a_pickle(tmp_path):
+    """A header length whose low byte is 0x80 (a pickle's first byte) is still safetensors."""
+    m, p = _net(), tmp_path / "w.safetensors"
+    for n in range(0, 256, 8):  # safetensors pads its header to multiples of 8
+        save_weights(p, m, preprocess.CAFFE, provenance={"pad": "x" * n})
+        if p.read_bytes()[0] == 0x80:
+            break
+    assert p.read_bytes()[0] == 0x80
+    assert load_model(p).model.config == m.config

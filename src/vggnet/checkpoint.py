@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash or a full disk at any point leaves the previous file at ``path`` intact.
+    A crash, a kill or a full disk at any point leaves the previous file at ``path`` intact,
+    and a reader never sees a half-written file. The file gets the usual permissions (umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +38,11 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save ``obj`` to ``path`` atomically (see atomic_write)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

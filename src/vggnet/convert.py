@@ -26,13 +26,12 @@ import torch
 
 from . import __version__, preprocess
 from .checkpoint import load_checkpoint
-from .imagenet import NUM_CLASSES, imagenet_class_names
+from .imagenet import NUM_CLASSES, imagenet_wnids
 from .model import CFGS, VGGConfig, build, resolve_name
 from .preprocess import Preprocessing
-from .weights import LoadedModel, load_model, load_state_checked, save_weights
+from .weights import LoadedModel, file_kind, load_model, load_state_checked, save_weights
 
 FORMATS = ("torchvision", "keras", "caffe", "vggnet")
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 FC_NAMES = ("fc6", "fc7", "fc8")
 
 
@@ -53,18 +52,8 @@ def detect_format(path: str | os.PathLike) -> str:
     """"keras" (HDF5), "torch" (torch.save: torchvision state dict or vggnet checkpoint),
     "safetensors" (vggnet weights or a torchvision state dict), else "caffe" (protobuf has
     no magic number; parsing decides)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(HDF5_MAGIC):
-        return "keras"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"
-    return "caffe"
+    kind = file_kind(path)
+    return {"hdf5": "keras", "other": "caffe"}.get(kind, kind)
 
 
 def file_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
@@ -86,8 +75,18 @@ def file_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
 
 
 # --- readers -----------------------------------------------------------------------------
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+def _optional(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"reading {what} needs the '{module.split('.')[0]}' package: "
+                          "pip install 'vggnet[convert]' (h5py and protobuf)") from e
+
+
+def _t(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def _by_index(state: dict, prefix: str) -> dict[int, dict[str, torch.Tensor]]:
@@ -115,7 +114,7 @@ def torchvision_source(state: dict, where: str) -> SourceNet:
     for idx, params in _by_index(state, "features").items():
         w = params.get("weight")
         if w is not None and w.ndim == 4:
-            convs.append({"weight": w, "bias": params["bias"]})
+            convs.append({"weight": w, "bias": params.get("bias")})  # a missing bias is reported later
         elif "running_mean" in params:
             if len(bns) != len(convs) - 1:
                 raise ValueError(f"{where}: batch norm features.{idx} does not follow a conv")
@@ -123,8 +122,8 @@ def torchvision_source(state: dict, where: str) -> SourceNet:
         else:
             raise ValueError(f"{where}: features.{idx} holds {sorted(params)}, neither a conv nor "
                              "a batch norm")
-    fcs = [{"weight": p["weight"], "bias": p["bias"]}
-           for p in _by_index(state, "classifier").values() if p["weight"].ndim == 2]
+    fcs = [{"weight": p["weight"], "bias": p.get("bias")}
+           for p in _by_index(state, "classifier").values() if "weight" in p and p["weight"].ndim == 2]
     if bns and len(bns) != len(convs):
         raise ValueError(f"{where}: {len(bns)} batch norms for {len(convs)} convs")
     return SourceNet("torchvision", convs, fcs, preprocess.TORCHVISION, bns=bns or None)
@@ -146,7 +145,7 @@ def read_keras(path: Path) -> SourceNet:
     Conv kernels are (kh, kw, in, out), dense kernels (in, out). Keras flattens pool5 (h, w, c)
     in height-width-channel order, so fc1's input rows are permuted to our (c, h, w) order.
     """
-    import h5py
+    h5py = _optional("h5py", "Keras .h5 files")
 
     layers: list[tuple[str, dict[str, np.ndarray]]] = []
     with h5py.File(path, "r") as f:
@@ -155,7 +154,7 @@ def read_keras(path: Path) -> SourceNet:
             for name in sorted(k3, key=_natural_key):
                 v = k3[name].get("vars")
                 if v is not None and len(v):
-                    layers.append((name, {"kernel": v["0"][()], "bias": v["1"][()]}))
+                    layers.append((name, {"kernel": v["0"][()], "bias": v["1"][()] if "1" in v else None}))
         else:
             root = f["model_weights"] if "model_weights" in f else f
             names = [n.decode() if isinstance(n, bytes) else str(n)
@@ -169,7 +168,7 @@ def read_keras(path: Path) -> SourceNet:
 
                 root[name].visititems(collect)
                 if "kernel" in arrays:
-                    layers.append((name, {"kernel": arrays["kernel"], "bias": arrays["bias"]}))
+                    layers.append((name, {"kernel": arrays["kernel"], "bias": arrays.get("bias")}))
     if not layers:
         raise ValueError(f"{str(path)!r} is an HDF5 file without Keras layer weights (no "
                          "'layers/*/vars' nor layer groups with kernel/bias datasets)")
@@ -198,7 +197,7 @@ def read_caffe(path: Path, prototxt: str | os.PathLike | None = None) -> SourceN
     """The authors' Caffe release (VGG_ILSVRC_16_layers.caffemodel, ...), V1 ``layers`` or
     current ``layer`` format, without Caffe. With a deploy ``.prototxt``, the prototxt defines
     the net and weights are taken from the caffemodel by layer name (as Caffe does)."""
-    from google.protobuf.message import DecodeError
+    DecodeError = _optional("google.protobuf.message", "Caffe .caffemodel files").DecodeError
 
     from .caffe_proto import blob_array, layer_type, net_layers, parse_caffemodel, parse_prototxt
 
@@ -282,14 +281,12 @@ def source_state_dict(src: SourceNet, conv_names: list[str]) -> dict[str, torch.
     """Our keys for the source's tensors: convs in order onto ``conv_names``, then fc6-fc8."""
     state: dict[str, torch.Tensor] = {}
     for i, (name, conv) in enumerate(zip(conv_names, src.convs, strict=True)):
-        state[f"features.{name}.weight"] = conv["weight"]
-        state[f"features.{name}.bias"] = conv["bias"]
-        for k, v in (src.bns[i] if src.bns else {}).items():
-            state[f"features.bn{name[len('conv'):]}.{k}"] = v
+        state |= {f"features.{name}.{k}": v for k, v in conv.items()}
+        state |= {f"features.bn{name[len('conv'):]}.{k}": v for k, v in (src.bns[i] if src.bns else {}).items()}
     for name, fc in zip(FC_NAMES, src.fcs, strict=True):
-        state[f"classifier.{name}.weight"] = fc["weight"]
-        state[f"classifier.{name}.bias"] = fc["bias"]
-    return state
+        state |= {f"classifier.{name}.{k}": v for k, v in fc.items()}
+    # a tensor the file lacks (None) stays out, so load_state_checked names it as missing
+    return {k: v for k, v in state.items() if v is not None}
 
 
 def read_source(path: str | os.PathLike, prototxt: str | os.PathLike | None = None) -> SourceNet | LoadedModel:
@@ -334,7 +331,7 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
     net = build(config, init=None)
     conv_names = [n for n in net.layer_names() if n.startswith("conv")]
     load_state_checked(net, source_state_dict(src, conv_names), source=repr(str(path)))
-    names = imagenet_class_names() if config.num_classes == NUM_CLASSES else None
+    names = imagenet_wnids() if config.num_classes == NUM_CLASSES else None
     provenance = {"source_format": src.format, "source_file": Path(path).name, "sha256": digest,
                   "converted_by": f"vggnet {__version__}", **{k: v for k, v in src.notes.items() if v}}
     return LoadedModel(net.eval(), src.preprocessing, names, {"provenance": provenance})

@@ -38,6 +38,11 @@ def env_info() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def restarted() -> bool:
+    """True in a group that torchrun restarted after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group torchrun prepared: NCCL on GPUs, gloo on CPUs.
 
@@ -50,7 +55,13 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torchrun keeps one store across restarts; the first attempt's addresses are still in it
+    # and a restarted gloo group would dial the dead processes. Each attempt gets its own keys.
+    store, rank, world = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"vggnet/attempt{attempt}/", store),
+                            rank=rank, world_size=world, timeout=timeout)
     return info
 
 
@@ -114,7 +125,7 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, bucket_cap_
         raise ValueError(f"unknown gradient compression {compression!r}; choose none, bf16 or fp16")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(model, device_ids=[device.index or 0] if device.type == "cuda" else None,
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
               bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
     if compression != "none":
         ddp.register_comm_hook(torch.bfloat16 if compression == "bf16" else torch.float16,
@@ -155,24 +166,34 @@ def barrier() -> None:
         dist.barrier()
 
 
-FAULT_ENV = "VGGNET_FAULT_KILL"  # "RANK:STEP": that rank kills itself at that step (tests)
+FAULT_ENV = "VGGNET_FAULT"  # "RANK:STEPS:ACTION", for the fault-tolerance tests
+FAULT_ACTIONS = ("kill", "term", "nan")
 
 
-def maybe_inject_fault(info: DistInfo, step: int) -> None:
-    """Fault injection for the restart tests: ``VGGNET_FAULT_KILL=1:5`` makes rank 1 die by
-    SIGKILL when it reaches step 5, on the first attempt only (torchrun counts restarts in
-    TORCHELASTIC_RESTART_COUNT), so the restarted group can finish."""
+def injected_fault(info: DistInfo, step: int) -> str | None:
+    """Fault injection: ``VGGNET_FAULT=1:5:kill`` makes rank 1 die by SIGKILL when it starts
+    step 5; ``term`` sends it SIGTERM (a preemption); ``nan`` returns "nan" so the caller
+    poisons that step's loss. STEPS is one step or a range "3-6". Faults fire on torchrun's
+    first attempt only (TORCHELASTIC_RESTART_COUNT=0), so a restarted group can finish."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
+        return None
     try:
-        rank, at = (int(v) for v in spec.split(":"))
+        rank, steps, action = spec.split(":")
+        first, _, last = steps.partition("-")
+        rank, first, last = int(rank), int(first), int(last or first)
+        if action not in FAULT_ACTIONS:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"{FAULT_ENV} must be 'RANK:STEP', got {spec!r}") from None
-    if info.rank == rank and step == at:
+        raise ValueError(f"{FAULT_ENV} must be 'RANK:STEP[-STEP]:ACTION' with ACTION one of "
+                         f"{FAULT_ACTIONS}, got {spec!r}") from None
+    if info.rank != rank or not first <= step <= last:
+        return None
+    if action in ("kill", "term"):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
+    return action
 
 
 def torchrun_command(train_args: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,

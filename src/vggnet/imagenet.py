@@ -30,6 +30,20 @@ def imagenet_classes() -> tuple[ImageNetClass, ...]:
     return tuple(out)
 
 
-def imagenet_class_names() -> list[str]:
-    """Readable names by index, the ``class_names`` stored with imported ImageNet weights."""
-    return [c.name for c in imagenet_classes()]
+def imagenet_wnids() -> list[str]:
+    """WordNet ids by index: the ``class_names`` of imported ImageNet weights. They are unique
+    (readable names are not: two "crane"s, two "maillot"s) and they are ImageNet's training
+    folder names, so imported weights, nets trained on ImageNet folders and the evaluation
+    of either agree on what each output is."""
+    return [c.wnid for c in imagenet_classes()]
+
+
+def describe(label: str) -> str:
+    """A class name for people: "n01440764" -> "tench (n01440764)"; other names unchanged."""
+    c = _by_wnid().get(label)
+    return f"{c.name} ({c.wnid})" if c else label
+
+
+@cache
+def _by_wnid() -> dict[str, ImageNetClass]:
+    return {c.wnid: c for c in imagenet_classes()}

@@ -151,12 +151,18 @@ def classifier_layers(cfg: VGGConfig) -> Iterator[tuple[str, nn.Module]]:
 
 
 def linear_as_conv(fc: nn.Linear, x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Apply a Linear layer as a kxk convolution (the weight is only viewed, never copied).
+    """Apply a Linear layer as a kxk convolution (stride 1, no padding): (N, C, H, W) ->
+    (N, out, H-k+1, W-k+1), equal to ``F.conv2d(x, fc.weight.view(out, C, k, k), fc.bias)``.
 
-    torch.flatten of (N, C, k, k) is channel-major, so weight (out, C*k*k) views as
-    (out, C, k, k) with the same element order.
+    Computed as one matrix product of every kxk window (unfold; a plain view for k=1) with the
+    Linear weight as it is, never copied: F.unfold lays a window out channel-major, (C, k, k),
+    the order torch.flatten gives pool5 for fc6. For these shapes (few positions, 25088-wide
+    kernels) this runs 4-5x faster than the convolution on the CPU (docs/benchmarks.md).
     """
-    return F.conv2d(x, fc.weight.view(fc.out_features, -1, kernel, kernel), fc.bias)
+    n, _, h, w = x.shape
+    cols = F.unfold(x, kernel) if kernel > 1 else x.flatten(2)  # (N, C*k*k, L)
+    y = F.linear(cols.transpose(1, 2), fc.weight, fc.bias)  # (N, L, out)
+    return y.transpose(1, 2).unflatten(2, (h - kernel + 1, w - kernel + 1))
 
 
 class VGG(nn.Module):

@@ -104,6 +104,12 @@ class TrainSettings:
     scan: bool = True  # decode-check every file before training
     save_every_min: float = 30.0  # also save last.pt mid-epoch this often
     progress: bool = True
+    # data parallelism (torchrun / --nproc): see distributed.py
+    dist_timeout_s: float = 600.0  # a collective waiting longer fails: a hung rank cannot stall the run
+    bucket_mb: float = 25.0  # DDP gradient bucket size
+    grad_compression: str = "none"  # "bf16"/"fp16": gradients all-reduced in half precision
+    sync_bn: bool = False  # SyncBatchNorm across GPUs for the _bn models
+    max_skips: int = 3  # consecutive non-finite steps (skipped by every rank) before the run halts
 
     def __post_init__(self) -> None:
         self.scale = tuple(int(s) for s in self.scale)
@@ -112,7 +118,9 @@ class TrainSettings:
                              f"Smax, got {list(self.scale)}; the paper uses 256, 384 or [256, 512] for "
                              "crop 224")
         resolve_name(self.model)
-        for name in ("batch_size", "epochs", "lr_patience"):
+        if self.grad_compression not in ("none", "bf16", "fp16"):
+            raise ValueError(f"grad_compression must be none, bf16 or fp16, got {self.grad_compression!r}")
+        for name in ("batch_size", "epochs", "lr_patience", "max_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -210,12 +218,15 @@ def _no_sync(model: nn.Module, last: bool):
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch],
                per_process_batch: int, runtime: Runtime, prep: Preprocessing, stats: ColorStats,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+               scaler: torch.amp.GradScaler | None = None, poison: bool = False) -> tuple[torch.Tensor, bool]:
     """One SGD step on this process's share of a global batch, in micro-batches.
 
     Each micro-batch adds sum-of-losses / per_process_batch to the gradients, so the step
-    equals one on the whole batch (DDP then averages the processes' equal shares). Returns
-    float64 sums [loss, top-1 hits, top-5 hits, images] on the device.
+    equals one on the whole batch (DDP then averages the processes' equal shares). A
+    non-finite loss or gradient on any process skips the step on every process (one agreed
+    flag), leaving weights and optimizer state as they were. ``poison`` makes the loss NaN
+    (fault injection). Returns (float64 sums [loss, top-1 hits, top-5 hits, images] on the
+    device, skipped).
     """
     micro_batches = list(micro_batches)
     optimizer.zero_grad(set_to_none=True)
@@ -229,17 +240,27 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
             with runtime.autocast():
                 logits = model(x)
             loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+            if poison:
+                loss_sum = loss_sum * float("nan")
             loss = loss_sum / per_process_batch
             (scaler.scale(loss) if scaler is not None else loss).backward()
         top1, top5 = count_correct(logits.detach(), labels)
         totals += torch.stack([loss_sum.detach().double(), top1.double(), top5.double(),
                                torch.tensor(float(len(labels)), dtype=torch.float64, device=runtime.device)])
+    finite = torch.isfinite(totals[0])
+    if scaler is None:  # with fp16 the grad scaler itself skips steps whose gradients overflow
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    skip, = distributed.agree(not bool(finite), device=runtime.device)
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+        return totals, True
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return totals
+    return totals, False
 
 
 @torch.no_grad()
@@ -273,7 +294,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], runtime: Runtime, prep:
 
 # --- what a run writes (rank 0 only) --------------------------------------------------------------
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
-                  "val_top5_err", "images_per_s", "epoch_s", "bad_files", "event")
+                  "val_top5_err", "images_per_s", "epoch_s", "bad_files", "skipped_steps", "event")
 
 
 class RunLog:
@@ -494,6 +515,13 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
     """
     t_start = time.perf_counter()
     ckpt = None
+    if resume is None and settings is not None:
+        if settings.out is None:
+            # under torchrun the run id is the same for every rank and every restart
+            tag = os.environ.get("TORCHELASTIC_RUN_ID", "")[:8] or time.strftime("%Y%m%d-%H%M%S")
+            settings.out = str(Path("runs") / f"{settings.model}-{settings.preset}-{tag}")
+        if distributed.restarted() and (Path(settings.out) / "last.pt").is_file():
+            resume = Path(settings.out) / "last.pt"  # torchrun restarted the group: continue
     if resume is not None:
         path = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
         ckpt = load_checkpoint(path)
@@ -506,9 +534,11 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
     elif settings is None:
         raise ValueError("train() needs settings or resume")
     s = settings
-    info = distributed.env_info()
-    if s.out is None:
-        s.out = str(Path("runs") / f"{s.model}-{s.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    runtime = make_runtime(s.device, s.precision, s.channels_last, s.compile)
+    if s.sync_bn and runtime.device.type != "cuda":
+        raise ValueError("--sync-bn synchronises batch norm across GPUs (NCCL); it needs CUDA, "
+                         f"this run is on {runtime.device}")
+    info = distributed.init_distributed(runtime.device, s.dist_timeout_s)
     folder = Path(s.out)
     created = not folder.exists()
     if info.is_main:
@@ -533,16 +563,17 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
     history = list(ckpt["metrics"]) if ckpt else []
     log = RunLog(folder, enabled=info.is_main, history=history)
     try:
-        return _run(s, ckpt, info, log, history, dataset, bad, micro, accum, on_step, t_start)
+        return _run(s, ckpt, runtime, info, log, history, dataset, bad, micro, accum, on_step, t_start)
     finally:
         log.close()
+        distributed.shutdown()
 
 
-def _run(s: TrainSettings, ckpt: dict | None, info: distributed.DistInfo, log: RunLog, history: list[dict],
-         dataset: Dataset, bad: list[BadFile], micro: int, accum: int, on_step, t_start: float) -> TrainResult:
+def _run(s: TrainSettings, ckpt: dict | None, runtime: Runtime, info: distributed.DistInfo, log: RunLog,
+         history: list[dict], dataset: Dataset, bad: list[BadFile], micro: int, accum: int, on_step,
+         t_start: float) -> TrainResult:
     folder = Path(s.out)
     steps_per_epoch = len(dataset.train) // s.batch_size
-    runtime = make_runtime(s.device, s.precision, s.channels_last, s.compile)
 
     arch, bn = resolve_name(s.model)
     config = VGGConfig(arch=arch, num_classes=len(dataset.class_names), batch_norm=bn or s.batch_norm,
@@ -569,12 +600,15 @@ def _run(s: TrainSettings, ckpt: dict | None, info: distributed.DistInfo, log: R
     prep = paper(stats.mean_rgb)
 
     model.train()
-    net = runtime.prepare(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.sync_bn and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = distributed.wrap_ddp(runtime.prepare(model), info, runtime.device, s.bucket_mb, s.grad_compression)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                                **runtime.optimizer_options())
     schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops, s.min_improvement)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
     epoch, epoch_step, step = 0, 0, 0
-    progress = {"totals": [0.0] * 4, "seconds": 0.0, "bad": []}
+    progress = {"totals": [0.0] * 4, "seconds": 0.0, "bad": [], "skipped": 0}
     best = {"top1_err": math.inf, "top5_err": math.inf}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -622,6 +656,7 @@ def _run(s: TrainSettings, ckpt: dict | None, info: distributed.DistInfo, log: R
                 f"{accum} x {micro}; {steps_per_epoch} steps/epoch; {workers} loader worker(s)")
 
     status = "finished"
+    skips = 0  # consecutive skipped steps
     last_save = time.perf_counter()
     with StopRequest() as stop:
         while epoch < s.epochs:
@@ -635,14 +670,25 @@ def _run(s: TrainSettings, ckpt: dict | None, info: distributed.DistInfo, log: R
             images_done = 0
             interrupted = False
             while epoch_step < steps_per_epoch:
+                fault = distributed.injected_fault(info, step + 1)
                 micro_batches = [next(batches) for _ in range(accum)]
-                totals = train_step(net, optimizer, micro_batches, micro * accum, runtime, prep, stats, scaler)
+                totals, skipped = train_step(net, optimizer, micro_batches, micro * accum, runtime, prep, stats,
+                                             scaler, poison=fault == "nan")
                 totals = distributed.all_reduce_sum(totals).tolist()
-                if not math.isfinite(totals[0]):
-                    raise FloatingPointError(
-                        f"the training loss became {totals[0]} at epoch {epoch + 1}, step {epoch_step + 1}; "
-                        f"lower --lr (now {schedule.lr:g}) or use --batch-norm; the last good state is "
-                        f"in {folder / 'last.pt'}")
+                if skipped:
+                    skips += 1
+                    progress["skipped"] += 1
+                    log.message(f"epoch {epoch + 1}, step {epoch_step + 1}: non-finite loss or gradient "
+                                f"(loss {totals[0]}); step skipped on every process ({skips}/{s.max_skips})")
+                    if skips >= s.max_skips:
+                        raise FloatingPointError(
+                            f"{skips} consecutive steps had a non-finite loss or gradient (epoch {epoch + 1}, "
+                            f"step {epoch_step + 1}); training halted. The last good checkpoint is "
+                            f"{folder / 'last.pt'}; lower --lr (now {schedule.lr:g}) or use --batch-norm, "
+                            f"then start again from it with --init-from")
+                    totals = [0.0] * 4  # nothing learnt from this batch
+                else:
+                    skips = 0
                 progress["totals"] = [a + b for a, b in zip(progress["totals"], totals, strict=True)]
                 progress["bad"] += [b for mb in micro_batches for b in mb.bad]
                 epoch_step += 1
@@ -651,7 +697,7 @@ def _run(s: TrainSettings, ckpt: dict | None, info: distributed.DistInfo, log: R
                 if bar is not None:
                     t_sum = progress["totals"]
                     bar.update(1)
-                    bar.set_postfix(loss=f"{t_sum[0] / t_sum[3]:.3f}", acc=f"{t_sum[1] / t_sum[3]:.3f}",
+                    bar.set_postfix(loss=f"{t_sum[0] / max(t_sum[3], 1):.3f}", acc=f"{t_sum[1] / max(t_sum[3], 1):.3f}",
                                     img_s=f"{images_done / (time.perf_counter() - t_epoch):.0f}")
                 if on_step is not None:
                     on_step(step)
@@ -680,13 +726,14 @@ def _run(s: TrainSettings, ckpt: dict | None, info: distributed.DistInfo, log: R
             lr_used = schedule.lr
             event = schedule.step(val["top1_err"])
             epoch_bad = progress["bad"] + val["bad"]
-            row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": loss_sum / n,
-                   "train_top1_err": 1 - top1 / n, "val_loss": val["loss"], "val_top1_err": val["top1_err"],
+            row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "train_loss": loss_sum / n if n else math.nan,
+                   "train_top1_err": 1 - top1 / n if n else math.nan, "val_loss": val["loss"], "val_top1_err": val["top1_err"],
                    "val_top5_err": val["top5_err"], "images_per_s": n / max(progress["seconds"], 1e-9),
-                   "epoch_s": progress["seconds"], "bad_files": len(epoch_bad), "event": event}
+                   "epoch_s": progress["seconds"], "bad_files": len(epoch_bad), "skipped_steps": progress["skipped"],
+                   "event": event}
             history.append(row)
             epoch, epoch_step = epoch + 1, 0
-            progress = {"totals": [0.0] * 4, "seconds": 0.0, "bad": []}
+            progress = {"totals": [0.0] * 4, "seconds": 0.0, "bad": [], "skipped": 0}
             improved = event == "improved"
             if improved:
                 best = {"top1_err": val["top1_err"], "top5_err": val["top5_err"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .model import VGG, VGGConfig, build
 from .preprocess import Preprocessing
 
@@ -35,7 +35,7 @@ class LoadedModel:
 def save_weights(path: str | os.PathLike, model: VGG, preprocessing: Preprocessing,
                  class_names: list[str] | None = None, provenance: dict | None = None) -> Path:
     """Write ``model`` as safetensors with its config, preprocessing and class names."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if class_names is not None and len(class_names) != model.config.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with "
@@ -43,23 +43,34 @@ def save_weights(path: str | os.PathLike, model: VGG, preprocessing: Preprocessi
     meta = {"format": WEIGHTS_FORMAT, "model_config": model.config.to_dict(),
             "preprocessing": preprocessing.to_dict(), "class_names": class_names,
             "provenance": provenance or {}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"vggnet": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    data = save(tensors, metadata={"vggnet": json.dumps(meta)})
+    return atomic_write(path, lambda f: f.write(data))
 
 
-def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata) from a vggnet weights file or training checkpoint."""
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """"safetensors", "torch" (torch.save zip or legacy pickle), "hdf5" or "other", from the
+    first bytes. safetensors is tested first: its little-endian header length may start with
+    0x80, a pickle's first byte."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save zip or legacy pickle
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    return "hdf5" if head.startswith(HDF5_MAGIC) else "other"
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, metadata) from a vggnet weights file or training checkpoint."""
+    path = Path(path)
+    if file_kind(path) == "torch":
         ckpt = load_checkpoint(path)
         if "model_config" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{str(path)!r} is a torch file but not a vggnet checkpoint (no "

@@ -1,0 +1,549 @@
+"""The benchmark suite: our defaults against "the plain way", measured in the same run.
+
+The baseline is always the same architecture run the plain way: our ``VGG`` module (the
+same layers as torchvision's VGG, whose adaptive 7x7 average pool is a no-op at 224) in
+eager PyTorch, float32, NCHW, default settings, ``torch.no_grad()`` for inference and
+``torch.optim.SGD`` with its default (per-parameter loop) implementation for training.
+"Ours" is whatever ``runtime.make_runtime()`` picks by default for the device.
+
+Every timed item runs its candidates in turns (ours, baseline, a large matmul, ours,
+baseline, ...) after a warm-up and reports medians, so that a change of machine load hits
+all of them alike; the matmul gives the machine's limit measured alongside, so each figure
+also reads as a fraction of it. Memory is measured in fresh subprocesses (peak RSS on the
+CPU, peak allocated memory on a GPU). The same code runs on a GPU through the runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .info import summarize
+from .model import VGGConfig, build
+from .runtime import Runtime, make_runtime
+from .train import PRESETS
+
+
+# --- results ------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """One line of the report: our figure, the baseline's, and their ratio (ours / baseline)."""
+
+    item: str
+    unit: str  # "img/s" (higher is better), "MiB" (lower is better) or "%"
+    ours: float
+    baseline: float | None  # None: nothing to compare with (the agreement item)
+    target: str = ""  # the issue's target, e.g. ">= 2.2x, >= 85% of bf16 peak"
+    gflops: float | None = None  # our achieved GFLOP/s
+    peak: float | None = None  # matmul GFLOP/s in our compute dtype, measured alongside
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline else math.nan
+
+    @property
+    def of_peak(self) -> float | None:
+        return self.gflops / self.peak if self.gflops and self.peak else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "of_peak": self.of_peak}
+
+
+@dataclass
+class Settings:
+    """Sizes of one benchmark run; ``quick()`` is a seconds-long smoke run at tiny size."""
+
+    arch: str = "D"
+    crop: int = 224
+    width: float = 1.0
+    inference_batches: tuple[int, ...] = (1, 8)
+    train_batch: int = 8
+    train_steps: int = 5  # timed VGG-16 steps per candidate (also the loss curve compared)
+    # the reduced preset's net and batch (vggnet.train.PRESETS["reduced"])
+    reduced_width: float = PRESETS["reduced"]["width"]
+    reduced_crop: int = PRESETS["reduced"]["crop_size"]
+    reduced_batch: int = PRESETS["reduced"]["batch_size"]
+    reduced_steps: int = 30  # cheap enough for a longer loss curve
+    eval_width: float = 0.25  # dense vs multi-crop: the full net takes minutes per image on a CPU
+    eval_scales: tuple[int, ...] = (256, 384, 512)
+    eval_images: int = 4
+    repeats: int = 5
+    matmul_n: int = 4096
+    memory: bool = True
+    compile: bool = False  # also time inference through torch.compile (inductor, frozen weights)
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Settings:
+        """The defaults above are sized for a CPU; a GPU gets the issue's GPU sizes: VGG-16
+        training at batch 256, inference up to batch 256, full-width dense evaluation."""
+        if device.type != "cuda":
+            return cls()
+        return cls(inference_batches=(1, 8, 256), train_batch=256, train_steps=10,
+                   reduced_steps=50, eval_width=1.0, eval_images=32, matmul_n=8192, repeats=10)
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(crop=32, width=1 / 16, inference_batches=(2,), train_batch=2, train_steps=2,
+                   reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, reduced_steps=3,
+                   eval_width=1 / 16, eval_scales=(32, 48), eval_images=1, repeats=2, matmul_n=256)
+
+
+# --- timing -------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns (a, b, c, a, b, c, ...)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            f()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_candidates(dtype: torch.dtype, n: int, device: torch.device) -> dict[str, Callable]:
+    """Ways to multiply two n x n matrices: torch.mm, and on the CPU also oneDNN's matmul with
+    a prepacked weight (torch.mm's float32 path is MKL, which on AMD CPUs runs far below
+    what oneDNN, the library behind our convolutions, reaches)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    fns = {"torch.mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
+        fns["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    return fns
+
+
+@dataclass
+class Peak:
+    dtype: str
+    gflops: float
+    by: str  # which implementation reached it
+    all: dict[str, float]
+    fn: Callable[[], object] = field(repr=False, default=None)
+    flops: float = 0.0
+
+
+def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, repeats: int) -> Peak:
+    """The best GFLOP/s of an n x n x n matmul in ``dtype`` (median of ``repeats``)."""
+    fns = matmul_candidates(dtype, n, device)
+    t = interleaved(fns, repeats, device)
+    gf = {k: 2 * n**3 / s / 1e9 for k, s in t.items()}
+    best = max(gf, key=gf.get)
+    return Peak(str(dtype).removeprefix("torch."), gf[best], best, gf, fns[best], 2.0 * n**3)
+
+
+# --- models -------------------------------------------------------------------------------
+def _config(s: Settings, num_classes: int = 1000, width: float | None = None,
+            crop: int | None = None) -> VGGConfig:
+    return VGGConfig(arch=s.arch, num_classes=num_classes, width=s.width if width is None else width,
+                     crop_size=s.crop if crop is None else crop)
+
+
+def forward_flops(cfg: VGGConfig) -> float:
+    """FLOPs (2 x multiply-adds) of one image at the crop size."""
+    return 2.0 * summarize(cfg)["macs"]
+
+
+def baseline_runtime(device: torch.device) -> Runtime:
+    return make_runtime(str(device), "fp32", channels_last=False, compile=False)
+
+
+def _label(cfg: VGGConfig) -> str:
+    name = {"D": "VGG-16", "E": "VGG-19", "A": "VGG-11", "B": "VGG-13"}.get(cfg.arch, cfg.arch)
+    return name + (f" width {cfg.width:g}" if cfg.width != 1 else "") + f" {cfg.crop_size}"
+
+
+# --- item 1: inference --------------------------------------------------------------------
+def bench_inference(s: Settings, rt: Runtime, peak: Peak, batch: int) -> Result:
+    """Images/s of a forward pass at the crop size, ours vs the baseline, plus how far our
+    logits are from float32 on the same batch."""
+    cfg = _config(s)
+    base = build(cfg, seed=0).eval().to(rt.device)
+    ours = rt.prepare_inference(copy.deepcopy(base))
+    x = torch.randn(batch, 3, cfg.crop_size, cfg.crop_size,
+                    generator=torch.Generator().manual_seed(1)).to(rt.device)
+    xo = rt.input(x)
+
+    def run_base():
+        with torch.no_grad():
+            return base(x)
+
+    def run_ours():
+        with rt.inference():
+            return ours(xo)
+
+    notes = []
+    if rt.compile:  # the first call compiles
+        _sync(rt.device)
+        start = time.perf_counter()
+        run_ours()
+        _sync(rt.device)
+        notes.append(f"compiled: first call {time.perf_counter() - start:.1f} s")
+    t = interleaved({"ours": run_ours, "baseline": run_base, "peak": peak.fn}, s.repeats, rt.device)
+    ref, out = run_base().float(), run_ours().float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    flops = forward_flops(cfg) * batch
+    return Result(f"inference {_label(cfg)} batch {batch}" + (", compiled" if rt.compile else ""),
+                  "img/s", batch / t["ours"], batch / t["baseline"],
+                  target=">= 2.2x, >= 85% of peak" if batch >= 8 else "",
+                  gflops=flops / t["ours"] / 1e9, peak=peak.flops / t["peak"] / 1e9,
+                  notes=notes + [f"logits vs float32: relative error {rel:.2e}"])
+
+
+# --- item 2: training step -----------------------------------------------------------------
+def make_sgd(model: torch.nn.Module, **options) -> torch.optim.SGD:
+    """The paper's optimiser (momentum 0.9, weight decay 5e-4) at lr 1e-2."""
+    return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=5e-4, **options)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
+               x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+    """One SGD step on (x, y); dropout masks drawn from ``seed`` so that two runs see the same."""
+    torch.manual_seed(seed)
+    with rt.autocast():
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: int,
+                   steps: int) -> Result:
+    """Images/s of a training step (forward, backward, SGD update), ours vs the baseline, both
+    from the same weights on the same batches; their loss curves are compared step by step."""
+    base_rt = baseline_runtime(rt.device)
+    base = build(cfg, seed=0).train().to(rt.device)
+    ours = rt.prepare(copy.deepcopy(base))
+    base_opt, ours_opt = make_sgd(base), make_sgd(ours, **rt.optimizer_options())
+    g = torch.Generator().manual_seed(2)
+    # a few fixed batches, cycled: the loss falls as the net memorises them
+    batches = [(torch.randn(batch, 3, cfg.crop_size, cfg.crop_size, generator=g),
+                torch.randint(0, cfg.num_classes, (batch,), generator=g)) for _ in range(2)]
+    base_batches = [(x.to(rt.device), y.to(rt.device)) for x, y in batches]
+    ours_batches = [(rt.input(x), y.to(rt.device)) for x, y in batches]
+    losses: dict[str, list[float]] = {"ours": [], "baseline": []}
+
+    def stepper(name, model, opt, runtime, data):
+        def step():
+            i = len(losses[name])
+            x, y = data[i % len(data)]
+            losses[name].append(train_step(model, opt, runtime, x, y, seed=i))
+        return step
+
+    fns = {"ours": stepper("ours", ours, ours_opt, rt, ours_batches),
+           "baseline": stepper("baseline", base, base_opt, base_rt, base_batches),
+           "peak": peak.fn}
+    t = interleaved(fns, steps, rt.device)
+    diffs = [abs(a - b) for a, b in zip(losses["ours"], losses["baseline"], strict=True)]
+    flops = 3 * forward_flops(cfg) * batch  # forward + two backward products per layer
+    shown = sorted({round(i * (len(diffs) - 1) / 7) for i in range(8)})  # at most 8 steps
+    curve = ", ".join(f"{i}: {losses['ours'][i]:.4f}/{losses['baseline'][i]:.4f}" for i in shown)
+    return Result(f"training step {_label(cfg)} batch {batch}", "img/s", batch / t["ours"],
+                  batch / t["baseline"], target=">= 1.8x, loss within 0.5% of float32 at every step",
+                  gflops=flops / t["ours"] / 1e9, peak=peak.flops / t["peak"] / 1e9,
+                  notes=[f"loss ours/float32 at step {curve} (step 0: the warm-up)",
+                         f"max |loss difference| {max(diffs):.4f} "
+                         f"({100 * max(d / b for d, b in zip(diffs, losses['baseline'], strict=True)):.2f}%)"])
+
+
+# --- item 1b: agreement on a trained model ---------------------------------------------------
+def find_demo_checkpoint(root: str | os.PathLike = "runs") -> str | None:
+    """The newest ``runs/demo-*/best.pt`` written by ``make demo``, if any."""
+    found = sorted(Path(root).glob("demo-*/best.pt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
+                    batch_size: int = 64) -> Result:
+    """Top-1 agreement of our inference path with float32 on a trained model (a training
+    checkpoint or weights file) over the validation split of its dataset: centre crops at the
+    test scale its training implies (Q = S), as the demo evaluates it."""
+    from .data import EvalImages, make_loader, open_dataset
+    from .transforms import EvalTransform, default_test_scale
+    from .weights import load_model
+
+    loaded = load_model(checkpoint)
+    settings = loaded.meta.get("train_settings") or {}
+    data = data or settings.get("data")
+    if not data:
+        raise ValueError(f"{checkpoint!r} does not say which dataset it was trained on; "
+                         "give its folder with --data")
+    cfg = loaded.model.config
+    q = default_test_scale(settings["scale"]) if "scale" in settings else round(cfg.crop_size * 256 / 224)
+    samples = open_dataset(data).val.samples
+    loader = make_loader(EvalImages(samples, EvalTransform(q, cfg.crop_size)), batch_size, workers=0)
+    base = loaded.model.eval().to(rt.device)
+    ours = rt.prepare_inference(copy.deepcopy(base))
+    preds, labels = {"ours": [], "float32": []}, []
+    for batch in loader:
+        keep = batch.labels >= 0  # -1: a file that failed to decode
+        x = loaded.preprocessing.normalize(batch.images[keep].to(rt.device))
+        with torch.no_grad():
+            preds["float32"].append(base(x).argmax(1).cpu())
+        with rt.inference():
+            preds["ours"].append(ours(rt.input(x)).argmax(1).cpu())
+        labels.append(batch.labels[keep])
+    p = {k: torch.cat(v) for k, v in preds.items()}
+    y = torch.cat(labels)
+    acc = {k: 100 * (v == y).float().mean().item() for k, v in p.items()}
+    agree = 100 * (p["ours"] == p["float32"]).float().mean().item()
+    return Result(f"top-1 agreement with float32, trained {_label(cfg)} ({cfg.name})", "%", agree,
+                  None, target=">= 99%",
+                  notes=[f"{len(y)} validation images of {data} (centre crop at Q={q}) through "
+                         f"{checkpoint}; top-1 accuracy ours {acc['ours']:.2f}%, "
+                         f"float32 {acc['float32']:.2f}%"])
+
+
+# --- items 3 and 4: the input pipeline and dense evaluation, from their own scripts ------------
+def benchmark_script(name: str):
+    """Import benchmarks/NAME.py of this source tree (None when vggnet runs from elsewhere)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"vggnet_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_evaluation(s: Settings, rt: Runtime) -> Result | None:
+    """Dense multi-scale evaluation against 150 crops at the same scales, through
+    benchmarks/eval_dense_vs_multicrop.py (best of its repeats, alternating)."""
+    script = benchmark_script("eval_dense_vs_multicrop")
+    if script is None:
+        return None
+    cfg = _config(s, width=s.eval_width)
+    r = script.measure(cfg.arch, cfg.width, cfg.crop_size, list(s.eval_scales), s.eval_images,
+                       16, 0, rt, s.repeats)
+    return Result(f"evaluation dense vs {50 * len(s.eval_scales)} crops, {_label(cfg)}, "
+                  f"Q={{{','.join(map(str, s.eval_scales))}}}", "img/s", r["dense"], r["multicrop"],
+                  target=">= 5x",
+                  notes=[f"baseline here = multi-crop through the same runtime; {s.eval_images} "
+                         "images of 500x375/375x500, best of repeats (benchmarks/eval_dense_vs_multicrop.py); "
+                         f"multiply-adds per image dense {r['dense_macs'] / 1e9:.1f} G, "
+                         f"multi-crop {r['multicrop_macs'] / 1e9:.1f} G"])
+
+
+# --- item 5: memory -----------------------------------------------------------------------
+_PROBE = """
+import json, sys
+from vggnet.bench import memory_probe
+print(json.dumps(memory_probe(*json.loads(sys.argv[1]))))
+"""
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
+    getrusage's ru_maxrss would carry over the peak of the process that forked us."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -> dict:
+    """Run in a fresh process: build the model, run two inference batches or training steps,
+    report peak memory (MiB): RSS on the CPU, allocated device memory on a GPU."""
+    start = peak_rss_mib()  # Python + torch
+    rt = make_runtime(device)
+    cfg = VGGConfig.from_dict(config)
+    run_rt = rt if which == "ours" else baseline_runtime(rt.device)
+    model = build(cfg, seed=0).to(rt.device)
+    x = torch.randn(batch, 3, cfg.crop_size, cfg.crop_size).to(rt.device)
+    y = torch.zeros(batch, dtype=torch.long, device=rt.device)
+    if kind == "inference":
+        model = run_rt.prepare_inference(model) if which == "ours" else model.eval()
+        for _ in range(2):
+            if which == "ours":
+                with run_rt.inference():
+                    model(run_rt.input(x))
+            else:
+                with torch.no_grad():
+                    model(x)
+    else:
+        model = run_rt.prepare(model.train())
+        opt = make_sgd(model, **(run_rt.optimizer_options() if which == "ours" else {}))
+        for i in range(2):
+            train_step(model, opt, run_rt, run_rt.input(x), y, seed=i)
+    if rt.device.type == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20, "what": "GPU allocated",
+                "start_mib": 0.0}
+    return {"peak_mib": peak_rss_mib(), "what": "RSS",
+            "start_mib": start}
+
+
+def run_probes(probes: Sequence[tuple]) -> list[dict]:
+    """Run ``memory_probe(*args)`` for each args tuple, each in its own fresh process, all at
+    once (peak memory is per process, so running them side by side changes nothing but time)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in probes]
+    results = []
+    for args, proc in zip(probes, procs, strict=True):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe {args[:2]} failed:\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def bench_memory(rt: Runtime, cases: Sequence[tuple[str, VGGConfig, int]]) -> list[Result]:
+    """Peak memory of each (kind, config, batch) case, ours and the baseline."""
+    probes = [(kind, which, cfg.to_dict(), batch, str(rt.device))
+              for kind, cfg, batch in cases for which in ("ours", "baseline")]
+    res = iter(run_probes(probes))
+    results = []
+    for kind, cfg, batch in cases:
+        ours, base = next(res), next(res)
+        idle = "" if rt.device.type == "cuda" else \
+            f"; includes {base['start_mib']:.0f} MiB of Python + torch before the model"
+        results.append(Result(f"peak memory, {kind} {_label(cfg)} batch {batch}", "MiB",
+                              ours["peak_mib"], base["peak_mib"], target="report",
+                              notes=[f"peak {ours['what']} in a fresh process{idle}"]))
+    return results
+
+
+# --- the suite ----------------------------------------------------------------------------
+@dataclass
+class Report:
+    header: list[str]
+    peaks: dict[str, Peak]
+    results: list[Result]
+
+    def to_dict(self) -> dict:
+        return {"header": self.header,
+                "peaks": {k: {"gflops": p.gflops, "by": p.by, "all": p.all} for k, p in self.peaks.items()},
+                "results": [r.to_dict() for r in self.results]}
+
+
+def machine_line() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads{gpu}, "
+            f"torch {torch.__version__}")
+
+
+def _load() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+ITEMS = ("inference", "agreement", "training", "evaluation", "memory")
+
+
+def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[str] = ITEMS,
+        log: Callable[[str], None] = print, trained: str | None = None,
+        data: str | None = None) -> Report:
+    """Run the chosen items; ``log`` gets each result line as soon as it is measured.
+
+    ``trained``: a trained checkpoint or weights file for the agreement item (default: the
+    newest ``make demo`` run under ./runs), ``data`` its dataset folder (default: the one
+    its training settings name).
+    """
+    s = s or Settings()
+    rt = rt or make_runtime()
+    unknown = sorted(set(items) - set(ITEMS))
+    if unknown:
+        raise ValueError(f"unknown benchmark item(s) {unknown}; choose from {', '.join(ITEMS)}")
+    header = [f"vggnet bench, {datetime.datetime.now().isoformat(timespec='minutes')}",
+              f"machine: {machine_line()}",
+              f"load average at start (1/5/15 min): {_load()}",
+              f"ours: {rt.describe()} (make_runtime defaults); baseline: {baseline_runtime(rt.device).describe()} eager",
+              f"timing: median of {s.repeats} interleaved repetitions after a warm-up"]
+    for line in header:
+        log(line)
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = matmul_peak(dtype, s.matmul_n, rt.device, s.repeats)
+        peaks[p.dtype] = p
+        alts = ", ".join(f"{k} {v:.0f}" for k, v in p.all.items())
+        log(f"matmul peak {p.dtype} (n={s.matmul_n}): {p.gflops:.0f} GFLOP/s ({alts})")
+    peak = peaks["bfloat16" if rt.amp_dtype == torch.bfloat16 else "float32"]
+    results: list[Result] = []
+
+    def emit(r: Result) -> None:
+        results.append(r)
+        log(format_result(r))
+
+    reduced = _config(s, num_classes=10, width=s.reduced_width, crop=s.reduced_crop)
+    if "inference" in items:
+        for b in s.inference_batches:
+            emit(bench_inference(s, rt, peak, b))
+        if s.compile and not rt.compile:
+            for b in s.inference_batches:
+                emit(bench_inference(s, dataclasses.replace(rt, compile=True), peak, b))
+    if "agreement" in items:
+        trained = trained or find_demo_checkpoint()
+        if trained:
+            emit(bench_agreement(rt, trained, data))
+        else:
+            log("top-1 agreement with float32: skipped, no trained model (run `make demo`, or "
+                "give --trained CHECKPOINT [--data DIR])")
+    if "training" in items:
+        emit(bench_training(s, rt, peak, _config(s), s.train_batch, s.train_steps))
+        emit(bench_training(s, rt, peak, reduced, s.reduced_batch, s.reduced_steps))
+    if "evaluation" in items:
+        r = bench_evaluation(s, rt)
+        if r:
+            emit(r)
+        else:
+            log("evaluation: skipped, benchmarks/eval_dense_vs_multicrop.py is not next to this vggnet")
+    if "memory" in items and s.memory:
+        for r in bench_memory(rt, [("inference", _config(s), max(s.inference_batches)),
+                                   ("training", _config(s), s.train_batch)]):
+            emit(r)
+    log(f"load average at end: {_load()}")
+    return Report(header, peaks, results)
+
+
+def format_result(r: Result) -> str:
+    fmt = {"%": "{:.1f}", "MiB": "{:.0f}", "loss": "{:.4f}"}.get(r.unit, "{:.3g}").format
+    line = f"{r.item}: ours {fmt(r.ours)} {r.unit}"
+    if r.baseline is not None:
+        line += f", baseline {fmt(r.baseline)} {r.unit}, ratio {r.ratio:.2f}x"
+    if r.gflops is not None:
+        line += f"; ours {r.gflops:.0f} GFLOP/s = {100 * r.of_peak:.0f}% of the {r.peak:.0f} GFLOP/s matmul peak"
+    if r.target:
+        line += f" [target {r.target}]"
+    return "\n    ".join([line] + r.notes)

@@ -1,0 +1,529 @@
+"""The paper's test protocol (Section 3.2): dense, multi-crop, multi-scale, flips, ensembles.
+
+Every image is rescaled isotropically so that its smaller side is Q (each test scale), then
+  - center: one centre crop of the training crop size;
+  - dense: the fully convolutional net on the whole rescaled image; the class score map is
+    spatially averaged, then soft-max;
+  - multicrop: a regular grid x grid set of crops (5x5 in the paper), soft-max per crop;
+and the soft-max posteriors are averaged over crops, horizontal flips and scales. Methods
+(dense+multicrop) and nets (ensembles) are combined by averaging their posteriors too.
+
+Images of any size are decoded in worker processes, rescaled to every test scale once, and
+grouped by their rescaled size so that a batch is one tensor; batches are normalised on the
+device with each model's own ``Preprocessing``.
+
+Top-k rule (ties): an image counts as correct at k when fewer than k *other* classes score
+at least as high as the true class, i.e. a tie with the true class counts against it. A net
+that outputs the same score for every class is therefore always wrong (unless k >= classes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .image import BadImageError, load_rgb_reduced, shorter_side_size
+from .runtime import Runtime, make_runtime
+from .transforms import crop_resized, default_test_scale, to_array
+from .weights import LoadedModel, load_model
+
+METHODS = ("center", "dense", "multicrop", "dense+multicrop")
+# the passes over the data each method needs; their posteriors are averaged
+PASSES = {"center": ("center",), "dense": ("dense",), "multicrop": ("multicrop",),
+          "dense+multicrop": ("dense", "multicrop")}
+PAPER_CROP = 224  # the paper's crop; its scale offsets (S +- 32) scale with the crop size
+PAPER_SCALE_STEP = 32
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    method: str = "dense"
+    scales: tuple[int, ...] | None = None  # None: from how each checkpoint was trained
+    multi_scale: bool = False  # with scales None: {S-32, S, S+32} or {Smin, mid, Smax}
+    flip: bool = True  # average each image (or crop) with its horizontal mirror
+    grid: int = 5  # multicrop: grid x grid crops per scale
+    batch_size: int = 32  # crop-sized inputs per forward pass; a whole rescaled image counts as
+    # (its pixels / crop pixels) inputs, so memory per pass is bounded whatever the image size
+    workers: int | None = None  # decoding processes; None: see default_workers, 0: in-process
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown evaluation method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.scales is not None:
+            bad = [q for q in self.scales if not isinstance(q, int) or q < 1]
+            if not self.scales or bad:
+                raise ValueError(f"test scales must be positive ints (the smaller image side), got {self.scales!r}")
+        if not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"grid must be a positive int (5 gives the paper's 5x5 crops), got {self.grid!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ValueError(f"workers must be an int >= 0 (0 decodes in this process), got {self.workers!r}")
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        return PASSES[self.method]
+
+
+def default_scales(train_settings: dict | None, crop_size: int, multi_scale: bool = False) -> tuple[int, ...]:
+    """The paper's test scales for a net trained at ``train_settings["scale"]`` = [Smin, Smax].
+
+    Fixed S: Q = S, or {S-32, S, S+32}. Jittered S: Q = (Smin+Smax)/2, or {Smin, mid, Smax}.
+    The step 32 is for 224 crops and scales with the crop (9 for 64 crops). A file without
+    training settings (imported weights) gets the usual S = 256/224 of the crop.
+    """
+    if train_settings and train_settings.get("scale"):
+        smin, smax = (int(s) for s in train_settings["scale"])
+    else:
+        smin = smax = round(crop_size * 256 / PAPER_CROP)
+    if smin == smax:
+        step = max(1, round(PAPER_SCALE_STEP * crop_size / PAPER_CROP))
+        scales = (smin - step, smin, smin + step) if multi_scale else (smin,)
+    else:
+        mid = default_test_scale((smin, smax))
+        scales = (smin, mid, smax) if multi_scale else (mid,)
+    # S - 32 is the crop size itself in the paper; never go below it
+    return tuple(sorted({max(crop_size, q) for q in scales}))
+
+
+def crop_grid(height: int, width: int, crop: int, n: int) -> list[tuple[int, int]]:
+    """(top, left) of an n x n regular grid of crop x crop windows inside a height x width image.
+
+    The outer windows touch the image borders (corners included); for odd n the middle one is
+    the centre crop ((H-crop)//2, (W-crop)//2); n = 1 is the centre crop alone.
+    """
+    if height < crop or width < crop:
+        raise ValueError(f"a {crop}x{crop} crop does not fit in a {height}x{width} image; "
+                         f"use test scales >= the crop size {crop}")
+
+    def steps(size: int) -> list[int]:
+        if n == 1:
+            return [(size - crop) // 2]
+        return [i * (size - crop) // (n - 1) for i in range(n)]
+
+    return [(t, left) for t in steps(height) for left in steps(width)]
+
+
+def topk_correct(posteriors: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, C) scores, (N,) labels -> (N,) bool: fewer than k other classes score >= the true one."""
+    true = posteriors.gather(1, labels.view(-1, 1))
+    at_least = (posteriors >= true).sum(1) - 1  # other classes tied with or above the true class
+    return at_least < k
+
+
+# --- the input pipeline ---------------------------------------------------------------------
+class RescaledImages(torch.utils.data.Dataset):
+    """Item i: (i, [HWC uint8 array per scale]) or (i, reason) for a file that cannot be read.
+
+    Decodes once (a JPEG at reduced size where that still only shrinks it to the largest
+    scale) and rescales to every scale exactly as training does (``transforms.crop_resized``).
+    """
+
+    def __init__(self, paths: Sequence[str], scales: Sequence[int]) -> None:
+        self.paths, self.scales = list(paths), sorted(set(scales))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            decoded = load_rgb_reduced(self.paths[i], self.scales[-1])
+        except BadImageError as e:
+            return i, e.reason
+        out = []
+        for q in self.scales:
+            w, h = shorter_side_size(decoded.full_size, q)
+            out.append(to_array(crop_resized(decoded, q, (0, 0, w, h))))
+        return i, out
+
+
+class SizeBuckets:
+    """Groups (index, HWC uint8) images by size into batches; memory stays bounded.
+
+    A bucket is emitted when it holds ``batch_size`` images or ``budget`` pixels (so a batch
+    of panoramas is smaller); when all pending images exceed 4 budgets, the biggest bucket
+    goes early. Emission depends only on the order and sizes of the images, never on timing,
+    so results do not depend on the number of workers.
+    """
+
+    def __init__(self, batch_size: int, budget: int) -> None:
+        self.batch_size, self.budget = batch_size, budget
+        self.buckets: dict[tuple[int, int], list] = {}
+        self.pending = 0
+
+    def add(self, index: int, image) -> list[list]:
+        """Queue a (H, W, 3) image; returns the batches that are ready (lists of (index, image))."""
+        key = tuple(image.shape[:2])
+        bucket = self.buckets.setdefault(key, [])
+        bucket.append((index, image))
+        self.pending += key[0] * key[1]
+        out = []
+        if len(bucket) >= self.batch_size or len(bucket) * key[0] * key[1] >= self.budget:
+            out.append(self._pop(key))
+        while self.pending > 4 * self.budget:
+            out.append(self._pop(max(self.buckets, key=lambda k: len(self.buckets[k]) * k[0] * k[1])))
+        return out
+
+    def drain(self) -> list[list]:
+        return [self._pop(k) for k in list(self.buckets)]
+
+    def _pop(self, key) -> list:
+        bucket = self.buckets.pop(key)
+        self.pending -= len(bucket) * key[0] * key[1]
+        return bucket
+
+
+def _identity(x):
+    return x
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: on a GPU, up to 8 (the GPU waits on decoding otherwise); on the CPU
+    none, since the model's threads already use every core and extra busy processes make
+    them wait on each other (measured: 5x slower with one worker on 2 cores)."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+@dataclass
+class Prediction:
+    """Posteriors (N_kept, C) per (model index, pass); rows follow ``kept`` (sample indices)."""
+
+    posteriors: dict[tuple[int, str], torch.Tensor]
+    kept: list[int]
+    skipped: list[tuple[str, str]]  # (path, reason)
+    seconds: float
+
+
+def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequence[Sequence[int]],
+            passes: Sequence[str], *, flip: bool = True, grid: int = 5, batch_size: int = 16,
+            workers: int | None = None, runtime: Runtime | None = None) -> Prediction:
+    """Run every model over every image at its scales (``scales[m]``) for each pass.
+
+    Images are decoded once for all models; unreadable ones are skipped and listed.
+    ``batch_size``: crop-sized inputs per forward pass (see ``EvalSettings``).
+    """
+    rt = runtime or make_runtime()
+    workers = default_workers(rt.device) if workers is None else workers
+    nets = [rt.prepare_inference(m.model) for m in models]
+    for m, qs in zip(models, scales, strict=True):
+        crop = m.model.config.crop_size
+        if min(qs) < crop:
+            raise ValueError(f"test scale {min(qs)} is smaller than the crop size {crop} of a "
+                             f"{m.model.config.name} net; use scales >= {crop}")
+    all_scales = sorted({q for qs in scales for q in qs})
+    n, classes = len(paths), models[0].model.config.num_classes
+    acc = {(mi, p): torch.zeros(n, classes, device=rt.device) for mi in range(len(models)) for p in passes}
+    count = {key: torch.zeros(n, device=rt.device) for key in acc}
+    # pixels per batch and per forward pass: batch_size crops' worth (a Q=512 view of a 4:3
+    # image counts as 7 crops of 224); at least one view per pass whatever its size
+    budget = batch_size * max(m.model.config.crop_size for m in models) ** 2
+    buckets = SizeBuckets(batch_size, budget)
+    loader = torch.utils.data.DataLoader(
+        RescaledImages(paths, all_scales), batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_identity)
+    skipped, seen = [], torch.zeros(n, dtype=torch.bool)
+
+    def run(batch: list) -> None:
+        idx = torch.tensor([i for i, _ in batch], device=rt.device)
+        # (n, H, W, 3) stacked -> (n, 3, H, W), which is already channels_last in memory
+        x = torch.from_numpy(np.stack([im for _, im in batch])).permute(0, 3, 1, 2)
+        x = rt.input(x if rt.channels_last else x.contiguous())
+        q = min(x.shape[-2:])
+        for mi, (m, net) in enumerate(zip(models, nets, strict=True)):
+            if q in scales[mi]:
+                for p in passes:
+                    probs, units = _posteriors(net, m, x, p, flip, grid, budget, rt)
+                    acc[(mi, p)].index_add_(0, idx, probs)
+                    count[(mi, p)].index_add_(0, idx, torch.full_like(idx, units, dtype=torch.float32))
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i, item in loader:
+            if isinstance(item, str):
+                skipped.append((str(paths[i]), item))
+                continue
+            seen[i] = True
+            for im in item:
+                for batch in buckets.add(i, im):
+                    run(batch)
+        for batch in buckets.drain():
+            run(batch)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+    seconds = time.perf_counter() - start
+    kept = seen.nonzero().flatten()
+    out = {key: (acc[key][kept.to(rt.device)] / count[key][kept.to(rt.device)].unsqueeze(1)).cpu()
+           for key in acc}
+    return Prediction(out, kept.tolist(), skipped, seconds)
+
+
+def _posteriors(net, m: LoadedModel, x: torch.Tensor, method: str, flip: bool, grid: int,
+                budget: int, rt: Runtime) -> tuple[torch.Tensor, int]:
+    """uint8 (n, 3, H, W) on the device -> (summed posteriors (n, C), units summed per image).
+
+    Each forward pass takes at most ``budget`` input pixels (at least one view).
+    """
+    prep, n = m.preprocessing, x.shape[0]
+    if method == "dense":
+        views = torch.cat([x, x.flip(-1)]) if flip else x
+        parts = []
+        for chunk in views.split(max(1, budget // (x.shape[-2] * x.shape[-1]))):
+            with rt.autocast():
+                scores = net.forward_dense(prep.normalize(chunk))  # (b, C, h, w)
+            parts.append(scores.float().mean((2, 3)).softmax(1))
+        probs = torch.cat(parts).view(-1, n, parts[0].shape[1])  # (flips, n, C)
+        return probs.sum(0), probs.shape[0]
+    crop = m.model.config.crop_size
+    cells = crop_grid(x.shape[-2], x.shape[-1], crop, 1 if method == "center" else grid)
+    # (n, P, 3, crop, crop) -> (n*P, ...): every image's crops, image-major
+    crops = torch.stack([x[:, :, t:t + crop, left:left + crop] for t, left in cells], 1).flatten(0, 1)
+    parts = []
+    for chunk in crops.split(max(1, budget // (crop * crop * (2 if flip else 1)))):
+        views = torch.cat([chunk, chunk.flip(-1)]) if flip else chunk
+        with rt.autocast():
+            logits = net(prep.normalize(views))
+        probs = logits.float().softmax(1)
+        parts.append(probs.view(2 if flip else 1, -1, probs.shape[1]).sum(0))
+    probs = torch.cat(parts).view(n, len(cells), -1)  # (n, P, C)
+    return probs.sum(1), len(cells) * (2 if flip else 1)
+
+
+# --- checks of what is evaluated against what -----------------------------------------------
+def _differences(a: Sequence[str], b: Sequence[str]) -> str:
+    only_a = [c for c in a if c not in set(b)]
+    only_b = [c for c in b if c not in set(a)]
+
+    def few(xs):
+        return f"{xs[:5]}{' ...' if len(xs) > 5 else ''} ({len(xs)})"
+
+    if not only_a and not only_b:
+        first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        return f"same names in a different order (first at position {first}: {a[first]!r} vs {b[first]!r})"
+    return "; ".join(s for s in (f"only in the first: {few(only_a)}" if only_a else "",
+                                 f"only in the second: {few(only_b)}" if only_b else "") if s)
+
+
+def check_ensemble(models: Sequence[LoadedModel], names: Sequence[str]) -> list[str] | None:
+    """The class names the members share (None if none has names); errors name what differs."""
+    first = models[0].model.config
+    if first.in_channels != 3:
+        raise ValueError(f"{names[0]} takes {first.in_channels}-channel input; evaluation feeds RGB images")
+    for m, name in zip(models[1:], names[1:], strict=True):
+        c = m.model.config
+        if c.num_classes != first.num_classes:
+            raise ValueError(f"ensemble members disagree on the number of classes: {names[0]} has "
+                             f"{first.num_classes}, {name} has {c.num_classes}")
+        if c.in_channels != 3:
+            raise ValueError(f"{name} takes {c.in_channels}-channel input; evaluation feeds RGB images")
+    named = [(m.class_names, n) for m, n in zip(models, names, strict=True) if m.class_names is not None]
+    for cls, name in named[1:]:
+        if list(cls) != list(named[0][0]):
+            raise ValueError(f"ensemble members have different class names: first = {named[0][1]}, "
+                             f"second = {name}: {_differences(named[0][0], cls)}")
+    return list(named[0][0]) if named else None
+
+
+def align_classes(model_classes: Sequence[str] | None, num_classes: int,
+                  data_classes: Sequence[str], source: str) -> list[int]:
+    """Map dataset label -> model output index; the names must be the same set."""
+    if model_classes is None:
+        if len(data_classes) != num_classes:
+            raise ValueError(f"{source} has {num_classes} outputs and no class names, but the dataset "
+                             f"has {len(data_classes)} classes")
+        return list(range(num_classes))
+    if sorted(model_classes) != sorted(data_classes) or len(model_classes) != len(data_classes):
+        raise ValueError(f"the dataset's classes differ from {source}'s: first = {source}, second = "
+                         f"the dataset: {_differences(list(model_classes), list(data_classes))}")
+    where = {c: i for i, c in enumerate(model_classes)}
+    return [where[c] for c in data_classes]
+
+
+# --- metrics --------------------------------------------------------------------------------
+def scores(posteriors: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Top-1/top-5 error (%), per-class accuracy and the confusion matrix (rows: true class)."""
+    n, c = posteriors.shape
+    top1, top5 = topk_correct(posteriors, labels, 1), topk_correct(posteriors, labels, 5)
+    pred = posteriors.argmax(1)  # the confusion matrix takes the lowest-index class among tied maxima
+    confusion = torch.bincount(labels * c + pred, minlength=c * c).view(c, c)
+    per_class = []
+    for k, name in enumerate(class_names):
+        mask = labels == k
+        m = int(mask.sum())
+        per_class.append({"class": name, "images": m,
+                          "top1_acc": 100.0 * float(top1[mask].float().mean()) if m else None,
+                          "top5_acc": 100.0 * float(top5[mask].float().mean()) if m else None})
+    return {"images": n, "top1_err": 100.0 * (1 - float(top1.float().mean())) if n else math.nan,
+            "top5_err": 100.0 * (1 - float(top5.float().mean())) if n else math.nan,
+            "per_class": per_class, "confusion": confusion.tolist()}
+
+
+@dataclass
+class EvalReport:
+    checkpoints: list[str]
+    method: str
+    scales: list[list[int]]  # per checkpoint
+    flip: bool
+    grid: int
+    class_names: list[str]
+    metrics: dict  # scores() of the final posteriors
+    parts: dict = field(default_factory=dict)  # "member i / pass" -> {top1_err, top5_err}
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    prediction: Prediction | None = None  # the posteriors behind the metrics (not written out)
+    labels: torch.Tensor | None = None  # (N_kept,) true classes in the models' class order
+
+    @property
+    def images_per_s(self) -> float:
+        return self.metrics["images"] / self.seconds if self.seconds > 0 else math.nan
+
+    def to_dict(self) -> dict:
+        m = {k: v for k, v in self.metrics.items() if k != "confusion"}
+        return {"checkpoints": self.checkpoints, "method": self.method, "scales": self.scales,
+                "flip": self.flip, "grid": self.grid, "device": self.device, **m,
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+                "seconds": self.seconds, "images_per_s": self.images_per_s, "parts": self.parts,
+                "class_names": self.class_names, "confusion": self.metrics["confusion"]}
+
+
+def combine(prediction: Prediction, members: Sequence[int], passes: Sequence[str]) -> torch.Tensor:
+    """The final posteriors: the mean over passes (dense+multicrop) and over ensemble members."""
+    return torch.stack([prediction.posteriors[(m, p)] for m in members for p in passes]).mean(0)
+
+
+def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[str, int]],
+             class_names: Sequence[str], settings: EvalSettings = EvalSettings(), *,
+             device: str = "auto", precision: str = "auto", models: Sequence[LoadedModel] | None = None
+             ) -> EvalReport:
+    """Evaluate one checkpoint, or an ensemble of several, on (path, label) samples."""
+    names = [str(c) for c in checkpoints]
+    if not names:
+        raise ValueError("no checkpoint given; pass at least one checkpoint or weights file")
+    rt = make_runtime(device, precision)
+    models = list(models) if models is not None else [load_model(c) for c in checkpoints]
+    shared = check_ensemble(models, names)
+    mapping = align_classes(shared, models[0].model.config.num_classes, class_names, names[0])
+    out_names = shared or list(class_names)
+    if settings.scales is not None:
+        scales = [tuple(settings.scales)] * len(models)
+    else:
+        scales = [default_scales(m.meta.get("train_settings"), m.model.config.crop_size,
+                                 settings.multi_scale) for m in models]
+    pred = predict(models, [p for p, _ in samples], scales, settings.passes, flip=settings.flip,
+                   grid=settings.grid, batch_size=settings.batch_size, workers=settings.workers,
+                   runtime=rt)
+    labels = torch.tensor([mapping[samples[i][1]] for i in pred.kept], dtype=torch.long)
+    members = range(len(models))
+    final = combine(pred, members, settings.passes) if pred.kept else torch.zeros(0, len(out_names))
+    parts = {}
+    if pred.kept and (len(models) > 1 or len(settings.passes) > 1):
+        for mi in members:
+            for p in settings.passes:
+                s = scores(pred.posteriors[(mi, p)], labels, out_names)
+                parts[f"{names[mi]} / {p}"] = {k: s[k] for k in ("top1_err", "top5_err", "images")}
+    return EvalReport(names, settings.method, [list(q) for q in scales], settings.flip, settings.grid,
+                      out_names, scores(final, labels, out_names), parts, pred.skipped, pred.seconds,
+                      str(rt.device), pred, labels)
+
+
+def list_eval_data(root: str | os.PathLike, split: str = "val", val_labels=None) -> tuple[list, list[str]]:
+    """(samples, class names) to evaluate on: ``split`` of a dataset with train/ and val/ (any
+    layout ``data.open_dataset`` reads), or ``root`` itself as one folder per class."""
+    from pathlib import Path
+
+    from .data import list_class_folders, open_dataset
+
+    root = Path(root)
+    if (root / "train").is_dir() or (root / "ILSVRC").is_dir():
+        d = open_dataset(root, val_labels)
+        s = d.val if split == "val" else d.train
+    else:
+        s = list_class_folders(root, "data")
+    return s.samples, s.class_names
+
+
+# --- output ---------------------------------------------------------------------------------
+def format_report(report: EvalReport, max_classes: int = 30) -> str:
+    r, m = report, report.metrics
+    lines = [f"checkpoints: {', '.join(r.checkpoints)}" + (f"  (ensemble of {len(r.checkpoints)})"
+                                                           if len(r.checkpoints) > 1 else ""),
+             f"method: {r.method}" + (f" ({r.grid}x{r.grid} grid)" if "multicrop" in r.method else "")
+             + f"   scales: {' | '.join(','.join(map(str, q)) for q in r.scales)}"
+             f"   flips: {'averaged' if r.flip else 'off'}   device: {r.device}",
+             f"images: {m['images']}" + (f" ({len(r.skipped)} unreadable, skipped)" if r.skipped else "")
+             + f"   {r.images_per_s:.1f} images/s",
+             f"top-1 error: {m['top1_err']:.2f}%   top-5 error: {m['top5_err']:.2f}%"]
+    for name, e in r.parts.items():
+        lines.append(f"  {name}: top-1 {e['top1_err']:.2f}%  top-5 {e['top5_err']:.2f}%")
+    rows = m["per_class"]
+    if len(rows) > max_classes:
+        rows = sorted((x for x in rows if x["images"]), key=lambda x: x["top1_acc"])[:10]
+        lines.append(f"the 10 classes with the lowest top-1 accuracy (all {len(m['per_class'])} in the CSV):")
+    width = max([5] + [len(x["class"]) for x in rows])
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'top-1 acc':>9}  {'top-5 acc':>9}")
+    for x in rows:
+        acc = (f"{x['top1_acc']:>8.1f}%  {x['top5_acc']:>8.1f}%" if x["images"] else f"{'-':>9}  {'-':>9}")
+        lines.append(f"{x['class']:<{width}}  {x['images']:>6}  {acc}")
+    for path, reason in r.skipped[:10]:
+        lines.append(f"skipped {path}: {reason}")
+    if len(r.skipped) > 10:
+        lines.append(f"... and {len(r.skipped) - 10} more unreadable files (all listed in the JSON)")
+    return "\n".join(lines)
+
+
+def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, str]:
+    """results.json, per_class.csv and confusion.png in ``out_dir``; returns their paths."""
+    import csv
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "per_class.csv", "png": out / "confusion.png"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=1))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "images", "top1_acc", "top5_acc"])
+        for x in report.metrics["per_class"]:
+            w.writerow([x["class"], x["images"], _fmt(x["top1_acc"]), _fmt(x["top5_acc"])])
+        m = report.metrics
+        w.writerow(["(all)", m["images"], _fmt(100 - m["top1_err"]), _fmt(100 - m["top5_err"])])
+    plot_confusion(report.metrics["confusion"], report.class_names, paths["png"],
+                   title=f"{report.method}, top-1 error {report.metrics['top1_err']:.2f}%")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def plot_confusion(confusion: list[list[int]], class_names: Sequence[str], path, title: str = "") -> None:
+    """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    c = len(class_names)
+    size = min(16.0, 4.0 + 0.35 * c)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if c <= 40:
+        ax.set_xticks(range(c), class_names, rotation=90)
+        ax.set_yticks(range(c), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""Deployable graphs of a trained net, checked against PyTorch before they are handed over.
+
+Two graphs:
+- classifier: the training-size crop -> logits, input (N, 3, crop, crop), dynamic N;
+- dense (``dense=True``): the paper's fully convolutional net, any image of at least the crop
+  size -> class score map (N, classes, H/32 - crop/32 + 1, W/32 - crop/32 + 1), dynamic N, H, W.
+Both take the *normalised* input (``Preprocessing.normalize``); the preprocessing, config and
+class names travel as metadata (ONNX metadata_props / a TorchScript extra file "vggnet.json").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import VGG
+from .weights import LoadedModel
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+class DenseVGG(nn.Module):
+    """``forward`` = ``VGG.forward_dense``, so exporters see the fully convolutional graph."""
+
+    def __init__(self, model: VGG) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_dense(x)
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    max_abs_diff: dict[str, float]  # input shape "NxCxHxW" -> max |exported - PyTorch|
+
+
+def _metadata(loaded: LoadedModel, dense: bool) -> str:
+    return json.dumps({"format": "vggnet.export/1", "graph": "dense" if dense else "classifier",
+                       "input": "normalised image (N, C, H, W); see preprocessing",
+                       "model_config": loaded.model.config.to_dict(),
+                       "preprocessing": loaded.preprocessing.to_dict(),
+                       "class_names": loaded.class_names})
+
+
+def check_shapes(model: VGG, dense: bool) -> list[tuple[int, ...]]:
+    """Inputs the exported graph is checked on: two batch sizes; for dense, two image sizes too."""
+    c, crop = model.config.in_channels, model.config.crop_size
+    if dense:
+        return [(1, c, crop, crop), (2, c, crop + 32, crop + 64)]
+    return [(1, c, crop, crop), (3, c, crop, crop)]
+
+
+def export_onnx(loaded: LoadedModel, path: str | os.PathLike, dense: bool = False) -> Path:
+    import onnx
+
+    model = loaded.model.eval().cpu()
+    module = DenseVGG(model).eval() if dense else model
+    c, crop = model.config.in_channels, model.config.crop_size
+    batch = torch.export.Dim("batch")
+    shapes = {0: batch}
+    if dense:
+        shapes |= {2: torch.export.Dim("height", min=crop), 3: torch.export.Dim("width", min=crop)}
+    example = torch.randn(2, c, crop + 32 * dense, crop + 64 * dense)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # not "torchvision is not installed, skipping nms" and the like
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals (pytree)
+            torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False,
+                              external_data=False,
+                              input_names=["image"], output_names=["scores" if dense else "logits"],
+                              dynamic_shapes={"x": shapes})
+    finally:
+        onnx_log.setLevel(level)
+    proto = onnx.load(str(path))
+    proto.metadata_props.add(key="vggnet", value=_metadata(loaded, dense))
+    onnx.save(proto, str(path))
+    return path
+
+
+def export_torchscript(loaded: LoadedModel, path: str | os.PathLike, dense: bool = False) -> Path:
+    model = loaded.model.eval().cpu()
+    module = DenseVGG(model).eval() if dense else model
+    c, crop = model.config.in_channels, model.config.crop_size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Tracing records the ops, not the Python shape checks (hence the TracerWarnings, silenced);
+    # torch.jit is deprecated in favour of torch.export, but it is what libtorch (C++) loads.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, torch.randn(1, c, crop + 32 * dense, crop + 64 * dense))
+        torch.jit.save(traced, str(path), _extra_files={"vggnet.json": _metadata(loaded, dense)})
+    return path
+
+
+def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> np.ndarray:
+    """Run an exported graph outside vggnet's model code: onnxruntime, or the TorchScript loader."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path))(x).numpy()
+
+
+def export(loaded: LoadedModel, path: str | os.PathLike, fmt: str = "onnx", dense: bool = False,
+           tolerance: float = 1e-4, seed: int = 0) -> ExportReport:
+    """Export, then check the graph against PyTorch on random inputs of ``check_shapes``; a
+    difference above ``tolerance`` (relative to the largest output) is an error."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
+    path = (export_onnx if fmt == "onnx" else export_torchscript)(loaded, path, dense)
+    model = loaded.model
+    gen = torch.Generator().manual_seed(seed)
+    diffs = {}
+    for shape in check_shapes(model, dense):
+        x = torch.randn(shape, generator=gen)
+        with torch.no_grad():
+            ref = (model.forward_dense(x) if dense else model(x)).numpy()
+        got = run_exported(path, fmt, x)
+        if got.shape != ref.shape:
+            raise RuntimeError(f"exported {fmt} graph gave shape {got.shape} for input {shape}, "
+                               f"PyTorch {ref.shape}")
+        diff = float(np.abs(got - ref).max())
+        diffs["x".join(map(str, shape))] = diff
+        if diff > tolerance * max(1.0, float(np.abs(ref).max())):
+            path.unlink()
+            raise RuntimeError(f"exported {fmt} graph differs from PyTorch by {diff:.3g} on input "
+                               f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is not usable")
+    return ExportReport(path, diffs)

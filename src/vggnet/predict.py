@@ -1,0 +1,99 @@
+"""Classify images with a weights file; its preprocessing, crop size and class names come from
+the file, so the user never has to remember them.
+
+Two modes (Section 3.2 of the paper, kept simple; full dense + multi-crop evaluation over a
+dataset lives in evaluate.py):
+- centre crop (default): rescale the shorter side to ``resize`` (256 for a 224 crop), take the
+  central crop, one forward pass;
+- dense: rescale the shorter side to each scale Q, run the net fully convolutionally on the
+  whole image and on its mirror image, average the class score map over locations, then
+  average the soft-max posteriors over flips and scales.
+Images are read with the evaluation transform of the data pipeline (``transforms.EvalTransform``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .image import BadImageError
+from .runtime import Runtime, make_runtime
+from .transforms import EvalTransform
+from .weights import LoadedModel
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (index, name, probability)
+    error: str | None = None  # why the image could not be classified
+
+
+def default_resize(crop_size: int) -> int:
+    """The shorter side a centre crop is cut from: 256 for 224 (the paper's S = 256)."""
+    return round(crop_size * 256 / 224)
+
+
+def chw(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array (read-only from PIL) -> (1, 3, H, W) uint8 tensor (a copy)."""
+    return torch.tensor(a).permute(2, 0, 1)[None]
+
+
+@torch.no_grad()
+def posteriors(loaded: LoadedModel, pixels: torch.Tensor, dense: bool, runtime: Runtime) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) -> soft-max posteriors (N, classes), float32 on the CPU. Dense:
+    the score map is averaged over locations before the soft-max (the paper's sum-pooling)."""
+    model = loaded.model
+    x = loaded.preprocessing.normalize(runtime.input(pixels))
+    with runtime.autocast():
+        out = model.forward_dense(x) if dense else model(x)
+    scores = out.float().mean(dim=(2, 3)) if dense else out.float()
+    return scores.softmax(dim=1).cpu()
+
+
+def top_k(probs: torch.Tensor, class_names: Sequence[str] | None, k: int) -> list[list[tuple[int, str, float]]]:
+    p, idx = probs.topk(min(k, probs.shape[1]), dim=1)
+    name = (lambda i: class_names[i]) if class_names else str
+    return [[(int(i), name(int(i)), float(v)) for v, i in zip(pr, ir, strict=True)]
+            for pr, ir in zip(p, idx, strict=True)]
+
+
+def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 5, dense: bool = False,
+            scales: Sequence[int] | None = None, batch_size: int = 16,
+            runtime: Runtime | None = None) -> list[Prediction]:
+    """Top-k classes for each image file; an unreadable image gets an ``error``, not an exception."""
+    crop = loaded.model.config.crop_size
+    if top < 1:
+        raise ValueError(f"--top must be at least 1, got {top}")
+    scales = list(scales or [default_resize(crop)])
+    if min(scales) < crop:
+        raise ValueError(f"scales must be at least the crop size {crop}, got {scales}")
+    rt = runtime or make_runtime()
+    rt.prepare_inference(loaded.model)
+    centre = EvalTransform(scales[0], crop)
+    whole = [EvalTransform(q, None) for q in scales]
+    paths = [str(p) for p in paths]
+    results: list[Prediction] = []
+    for start in range(0, len(paths), batch_size):
+        decoded: list[tuple[Prediction, torch.Tensor | list[torch.Tensor]]] = []
+        for path in paths[start:start + batch_size]:
+            try:  # missing, empty, corrupt or huge files are reported, not raised
+                inputs = [chw(t(path)) for t in whole] if dense else chw(centre(path))
+            except BadImageError as e:
+                results.append(Prediction(path, error=str(e)))
+                continue
+            results.append(Prediction(path))
+            decoded.append((results[-1], inputs))
+        if dense:  # one image at a time (sizes differ): image and mirror image at every scale
+            for pred, xs in decoded:
+                p = sum(posteriors(loaded, torch.cat([x, x.flip(-1)]), True, rt).mean(0) for x in xs)
+                pred.top = top_k((p / len(xs))[None], loaded.class_names, top)[0]
+        elif decoded:
+            probs = posteriors(loaded, torch.cat([x for _, x in decoded]), False, rt)
+            for (pred, _), best in zip(decoded, top_k(probs, loaded.class_names, top), strict=True):
+                pred.top = best
+    return results

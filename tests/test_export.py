@@ -1,0 +1,70 @@
+"""Exported graphs run outside our model code (onnxruntime, the TorchScript loader) and match
+PyTorch to 1e-4 at sizes other than the one they were exported with."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import vggnet
+from vggnet import preprocess
+from vggnet.cli import main
+from vggnet.weights import save_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    model = vggnet.create_model("B", num_classes=5, width=1 / 16, crop_size=64, seed=3).eval()
+    with torch.no_grad():  # non-zero biases, so a dropped bias would show
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.bias.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("export") / "b.safetensors"
+    save_weights(path, model, preprocess.CAFFE, list("abcde"))
+    return path, model
+
+
+def _ort(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x.numpy()})[0]
+
+
+def test_onnx_classifier_and_dense(weights, tmp_path, capsys):
+    path, model = weights
+    assert main(["export", "--weights", str(path), "--format", "onnx", "--out", str(tmp_path / "c.onnx")]) == 0
+    assert main(["export", "--weights", str(path), "--format", "onnx", "--dense", "--out", str(tmp_path / "d.onnx")]) == 0
+    assert capsys.readouterr().out.count("checked on") == 4
+    meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}["vggnet"])
+    assert meta["graph"] == "dense" and meta["class_names"] == list("abcde")
+    assert meta["preprocessing"]["channel_order"] == "BGR"
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = _ort(tmp_path / "c.onnx", x)
+    assert ref.std() > 0.01
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    for shape in [(1, 3, 96, 64), (3, 3, 128, 160)]:  # dynamic batch, height and width
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad():
+            ref = model.forward_dense(x).numpy()
+        got = _ort(tmp_path / "d.onnx", x)
+        assert got.shape == ref.shape == (shape[0], 5, shape[2] // 32 - 1, shape[3] // 32 - 1)
+        np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_torchscript_dense(weights, tmp_path):
+    path, model = weights
+    out = tmp_path / "d.pt"
+    assert main(["export", "--weights", str(path), "--format", "torchscript", "--dense", "--out", str(out)]) == 0
+    extra = {"vggnet.json": ""}
+    with pytest.warns(DeprecationWarning):  # torch.jit is deprecated in favour of torch.export
+        scripted = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["vggnet.json"])["model_config"]["arch"] == "B"
+    for shape in [(2, 3, 64, 64), (1, 3, 160, 96)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), model.forward_dense(x), rtol=0, atol=1e-5)

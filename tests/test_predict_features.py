@@ -1,0 +1,123 @@
+"""predict, features and probe on a tiny net whose weights are built so that known inputs
+trigger known classes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+import vggnet
+from vggnet import preprocess
+from vggnet.cli import main
+from vggnet.features import layer_taps
+from vggnet.transforms import EvalTransform
+from vggnet.weights import LoadedModel, load_model, save_weights
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+PREP = preprocess.paper((120.0, 115.0, 105.0))
+
+
+def _image(path, rgb, seed, size=(52, 40)):
+    rng = np.random.default_rng(seed)
+    a = np.clip(np.array(rgb) + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def colour_net(tmp_path_factory):
+    """A random tiny net whose fc8 is set so that each colour's image wins its own class: row j
+    of fc8 is the direction of image j's centred relu7 descriptor c_j, so image j's logits are
+    |c_j| cos(c_j, c_k), largest for k = j; scaled to a margin of 8 between first and second."""
+    d = tmp_path_factory.mktemp("colours")
+    model = vggnet.create_model("A", num_classes=3, width=1 / 16, crop_size=32, seed=0).eval()
+    loaded = LoadedModel(model, PREP, list(COLOURS))
+    images = {c: _image(d / f"{c}.png", rgb, seed=i) for i, (c, rgb) in enumerate(COLOURS.items())}
+    feats = layer_taps(loaded, [images[c] for c in COLOURS], ["relu7"])["relu7"]
+    rows = F.normalize(feats - feats.mean(0), dim=1)
+    logits = (feats - feats.mean(0)) @ rows.T
+    margin = min(logits[j, j] - logits[j].sort().values[-2] for j in range(3))
+    with torch.no_grad():
+        model.classifier.fc8.weight.copy_(rows * 8 / margin)
+        model.classifier.fc8.bias.copy_(-(rows * 8 / margin) @ feats.mean(0))
+    save_weights(d / "colours.safetensors", model, PREP, list(COLOURS))
+    return d / "colours.safetensors", images
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
+    weights, images = colour_net
+    args = ["predict", *(str(images[c]) for c in COLOURS), "--weights", str(weights), "--top", "2"]
+    assert main(args + (["--dense", "--scales", "32", "48"] if dense else [])) == 0
+    out = capsys.readouterr().out.splitlines()
+    for i, colour in enumerate(COLOURS):
+        assert out[3 * i].endswith(f"{colour}.png")
+        first, second = out[3 * i + 1], out[3 * i + 2]
+        assert first.startswith("  1.") and first.endswith(f"  {colour} [{i}]")
+        assert float(first.split()[1].rstrip("%")) > 50 > float(second.split()[1].rstrip("%"))
+
+
+def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
+    weights, images = colour_net
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["predict", str(tmp_path / "broken.jpg"), str(images["blue"]), "--weights", str(weights)]) == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "blue [2]" in captured.out
+
+
+def test_feature_taps(colour_net, tmp_path):
+    weights, images = colour_net
+    out = tmp_path / "taps.safetensors"
+    assert main(["features", str(images["red"].parent), "--weights", str(weights),
+                 "--layers", "relu1_1,relu2_1", "--out", str(out), "--precision", "fp32"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["vggnet"])
+        taps = {k: f.get_tensor(k) for k in f.keys()}
+    assert [p.rsplit("/", 1)[-1] for p in meta["paths"]] == ["blue.png", "green.png", "red.png"]
+    assert taps["relu1_1"].shape == (3, 4, 32, 32) and taps["relu2_1"].shape == (3, 8, 16, 16)
+    # blue.png: the evaluation crop (shorter side 32, centre 32x32), the file's preprocessing
+    # (mean RGB), conv1_1 + ReLU
+    model = load_model(weights).model
+    x = torch.from_numpy(EvalTransform(32, 32)(images["blue"]).copy()).permute(2, 0, 1)[None].float() - torch.tensor(PREP.mean).view(1, 3, 1, 1)
+    expected = F.relu(F.conv2d(x, model.features.conv1_1.weight, model.features.conv1_1.bias, padding=1))
+    torch.testing.assert_close(taps["relu1_1"][0:1], expected)
+
+
+def test_transfer_descriptor_follows_appendix_b(colour_net, tmp_path):
+    weights, images = colour_net
+    out = tmp_path / "transfer.npz"
+    assert main(["features", str(images["green"]), str(images["red"]), "--weights", str(weights),
+                 "--scales", "32", "40", "--out", str(out), "--precision", "fp32"]) == 0
+    got = np.load(out)["features"]
+    assert got.shape == (2, 256)
+    # by hand: fc6 as a 1x1 conv over pool5 (crop 32: pool5 is 1x1), fc7 1x1; ReLUs; mean over
+    # locations, the mirror image and both scales; then L2 normalisation
+    model = load_model(weights).model
+    c = model.classifier
+    descriptor = torch.zeros(256)
+    for q in (32, 40):
+        x = torch.from_numpy(EvalTransform(q, None)(images["green"]).copy()).permute(2, 0, 1)[None].float()
+        for img in (x, x.flip(-1)):
+            pool5 = model.features(img - torch.tensor(PREP.mean).view(1, 3, 1, 1))
+            fc6 = F.relu(F.conv2d(pool5, c.fc6.weight[:, :, None, None], c.fc6.bias))
+            fc7 = F.relu(F.conv2d(fc6, c.fc7.weight[:, :, None, None], c.fc7.bias))
+            descriptor += fc7.mean(dim=(0, 2, 3)).detach()
+    np.testing.assert_allclose(got[0], (descriptor / descriptor.norm()).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+
+
+def test_probe_separates_colours(colour_net, tmp_path, capsys):
+    weights, _ = colour_net
+    for split, n in (("train", 4), ("val", 2)):
+        for j, colour in enumerate(("red", "blue")):
+            (tmp_path / split / colour).mkdir(parents=True)
+            for i in range(n):
+                _image(tmp_path / split / colour / f"{i}.png", COLOURS[colour], seed=100 * j + 10 * i + n)
+    assert main(["probe", "--weights", str(weights), "--data", str(tmp_path), "--scales", "32", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes, 8 train / 4 val images" in out
+    assert "train accuracy 100.00%, val accuracy 100.00%" in out
