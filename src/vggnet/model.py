@@ -110,11 +110,19 @@ class VGGConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VGGConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(fields)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "model config keys"))
+
+
+def known_fields(cls, d: dict, what: str) -> dict:
+    """``d`` if every key is a field of dataclass ``cls``; else an error naming the strays.
+
+    Shared by every config read back from a file (model, preprocessing, training settings),
+    so a file from another version fails loudly instead of being half-applied."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; allowed: {sorted(fields)}")
+    return d
 
 
 def feature_layers(cfg: VGGConfig) -> Iterator[tuple[str, nn.Module]]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import known_fields
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -45,10 +47,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown preprocessing keys {unknown}; allowed: {sorted(fields)}")
+        d = known_fields(cls, d, "preprocessing keys")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -45,7 +45,7 @@ from .data import (
     scan,
 )
 from .initialize import copy_matching_layers, init_from_net_a
-from .model import VGG, VGGConfig, build, resolve_name
+from .model import VGG, VGGConfig, build, known_fields, resolve_name
 from .preprocess import Preprocessing, paper
 from .runtime import Runtime, make_runtime
 from .transforms import (
@@ -136,11 +136,7 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "training settings"))
 
 
 # The paper's recipe, and the same recipe scaled down for CPUs and small datasets: the ratios
