@@ -80,7 +80,7 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     out = tmp_path / "study"
     args = ["reproduce", "--out", str(out), "--epochs", "1", "--finetune-epochs", "1",
-            "--train-per-class", "7", "--val-per-class", "2", "--width", "0.0625", "--device", "cpu",
+            "--train-per-class", "7", "--val-per-class", "2", "--width", "0.0625", "--batch-size", "16", "--device", "cpu",
             "--workers", "0", "--threads", "1"]
     threads = torch.get_num_threads()
     assert main(args) == 0

@@ -231,4 +231,5 @@ def test_cli_train_and_resume_rules(data, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.1"]) == 2
     assert "only --workers" in capsys.readouterr().err
-    assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "2"]) == 2
+    assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "2"]) == 0  # one more epoch
+    assert "finished after 2 epoch(s)" in capsys.readouterr().out

@@ -56,31 +56,46 @@ def _add_info(sub) -> None:
 
 # --- demo ----------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    import time
+    from .demo import DemoSettings, run_demo
+    from .synthetic import SyntheticSpec
 
-    import torch
-
-    from .model import create_model
-
-    args.model, args.size = None, None
-    cmd_info(args)
-    torch.manual_seed(0)
-    for name in ("A", "A-LRN", "B", "C", "D", "E"):
-        model = create_model(name, num_classes=10, width=0.125, crop_size=64).eval()
-        x = torch.randn(2, 3, 64, 64)
-        t = time.perf_counter()
-        with torch.no_grad():
-            logits = model(x)
-            dense = model.forward_dense(torch.randn(2, 3, 96, 128))
-        print(f"{name:<6} reduced (width 1/8, crop 64): logits {tuple(logits.shape)}, dense map on "
-              f"96x128 {tuple(dense.shape)}, {1e3 * (time.perf_counter() - t):.1f} ms")
-    return 0
+    spec = SyntheticSpec(seed=args.seed, train_per_class=args.train_per_class,
+                         val_per_class=args.val_per_class, num_classes=args.classes)
+    overrides = {k: v for k, v in (("width", args.width), ("crop_size", args.crop_size),
+                                   ("scale", args.scale and (args.scale[0], args.scale[-1])),
+                                   ("batch_size", args.batch_size)) if v is not None}
+    result = run_demo(DemoSettings(data_dir=args.data_dir, out=args.out, dataset=spec, model=args.model,
+                                   epochs=args.epochs, workers=args.workers, progress=args.progress,
+                                   overrides=overrides))
+    return 130 if result.status == "interrupted" else 0
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the built-in data")
-    p.set_defaults(func=cmd_demo, num_classes=1000, batch_norm=False, width=1.0, crop_size=224,
-                   in_channels=3)
+    from .demo import DemoSettings
+    from .synthetic import SyntheticSpec
+
+    d, spec = DemoSettings(), SyntheticSpec()
+    p = sub.add_parser("demo", help="the main job: built-in data, train a reduced VGG, evaluate, report",
+                       description="The main job: write the built-in synthetic dataset (reused when "
+                       "there), train VGG A (with batch norm) with the paper's recipe at reduced size (preset "
+                       "'reduced'), "
+                       "evaluate best.pt on the validation split and write a run folder with "
+                       "checkpoints, metrics, plots and report.md.")
+    p.add_argument("--data-dir", default=d.data_dir, help=f"where the dataset goes (default {d.data_dir})")
+    p.add_argument("--out", help="run folder (default runs/demo-DATE)")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--seed", type=int, default=spec.seed, help="dataset seed")
+    p.add_argument("--train-per-class", type=int, default=spec.train_per_class)
+    p.add_argument("--val-per-class", type=int, default=spec.val_per_class)
+    p.add_argument("--classes", type=int, default=spec.num_classes)
+    p.add_argument("--width", type=float, help="override the reduced preset's width")
+    p.add_argument("--crop-size", type=int, help="override the reduced preset's crop")
+    p.add_argument("--scale", type=int, nargs="+", metavar="S", help="override the training scale")
+    p.add_argument("--batch-size", type=int, help="override the reduced preset's batch")
+    p.add_argument("--workers", type=int, help="loader processes")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_demo)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -191,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("launching:", " ".join(cmd), flush=True)
         return subprocess.call(cmd)
     if args.resume:
-        runtime_keys = ("workers", "progress", "device", "precision", "channels_last", "compile",
+        runtime_keys = ("workers", "progress", "device", "precision", "channels_last", "compile", "epochs",
                         "dist_timeout_s", "bucket_mb")
         given = {k: v for k, v in _train_overrides(args).items() if v is not None}
         other = sorted(set(given) - set(runtime_keys))
@@ -227,7 +242,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data", help="dataset folder with train/ and val/ (see `vggnet data check`)")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                    help="paper: 224 crops, S=256, full width; reduced: the same ratios at 64 crops, "
-                   "width 1/8, batch 64 (default: paper)")
+                   "width 1/8 (default: paper)")
     p.add_argument("--out", help="run folder (default runs/MODEL-PRESET-DATE)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or its last.pt) exactly")
     p.add_argument("--val-labels", help="labels file of a flat ImageNet val folder")
@@ -381,7 +396,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     settings = StudySettings(preset=args.preset, data=args.data, out=args.out, epochs=args.epochs,
                              finetune_epochs=args.finetune_epochs, train_per_class=args.train_per_class,
-                             val_per_class=args.val_per_class, width=args.width, threads=args.threads,
+                             val_per_class=args.val_per_class, width=args.width, batch_size=args.batch_size,
+                             threads=args.threads,
                              device=args.device, precision=args.precision, workers=args.workers,
                              progress=args.progress)
     report = Study(settings).run()
@@ -410,6 +426,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--train-per-class", type=int, help="built-in dataset: training images per class")
     p.add_argument("--val-per-class", type=int, help="built-in dataset: validation images per class")
     p.add_argument("--width", type=float, help="width multiplier of every net")
+    p.add_argument("--batch-size", type=int, help="global batch of every training (default: the preset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -561,7 +578,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import ITEMS, Settings, run
     from .runtime import make_runtime
 
-    s = Settings.quick() if args.quick else Settings()
+    rt = make_runtime(args.device)
+    s = Settings.quick() if args.quick else Settings.for_device(rt.device)
     if args.repeats is not None:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -572,7 +590,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     items = args.items.split(",") if args.items else ITEMS
-    report = run(s, make_runtime(args.device), items, trained=args.trained, data=args.data)
+    report = run(s, rt, items, trained=args.trained, data=args.data)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=1)

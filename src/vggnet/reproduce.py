@@ -336,6 +336,7 @@ class StudySettings:
     train_per_class: int | None = None
     val_per_class: int | None = None
     width: float | None = None  # overrides the training preset's width
+    batch_size: int | None = None  # overrides the training preset's batch (small datasets)
     threads: int | None = None  # overrides the preset's torch CPU threads
     device: str = "auto"
     precision: str = "auto"
@@ -393,7 +394,7 @@ class Study:
         self.s, self.log = settings, log
         self.preset = settings.resolved()
         self.out = Path(settings.out)
-        self.base = make_settings(self.preset.train_preset, width=settings.width)
+        self.base = make_settings(self.preset.train_preset, width=settings.width, batch_size=settings.batch_size)
         self.crop = self.base.crop_size
         self.data = settings.data
 
@@ -436,7 +437,7 @@ class Study:
         else:
             settings = make_settings(
                 self.preset.train_preset, data=self.data, out=str(folder), model=job.arch,
-                width=self.s.width, scale=scaled_scale(job.scale, self.crop),
+                width=self.s.width, batch_size=self.s.batch_size, scale=scaled_scale(job.scale, self.crop),
                 init_from=str(self.net_folder(job.init_from)) if job.init_from else None,
                 lr=self.base.lr * job.lr_factor, lr_patience=self.preset.lr_patience, scan=False,
                 epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs, **runtime)

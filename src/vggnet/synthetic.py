@@ -2,12 +2,13 @@
 
 Ten classes of flat objects (disc, ring, square, bar, triangle, star, cross, hexagon,
 crescent, arrow), each image showing one object of its class at a widely varying scale
-(diameter about 1/4 to 9/10 of the shorter side), position (partly outside the frame at
-times) and rotation, in a random colour or texture, on a cluttered colour background
+(diameter about 1/3 to 9/10 of the shorter side), position (anywhere, mostly near the middle,
+partly outside the frame at times) and rotation, in a random colour or texture, on a cluttered colour background
 (gradients, blotches, lines and small shapes, some of them in front of the object), with
-sensor-like noise, as JPEGs of varying non-square sizes. Colour carries no class
-information; shape does, and some shapes are alike at small sizes (disc / hexagon / ring,
-square / bar), so a small network does not reach 100%.
+sensor-like noise, as JPEGs of varying non-square sizes. Shape is what defines a class;
+colour is only a weak cue (each class's objects lean to a hue of their own, with so much
+spread that neighbouring classes overlap), and some shapes are alike at small sizes
+(disc / hexagon / ring, square / bar), so a small network does not reach 100%.
 
 The images are written as an image-folder tree (DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)
 so that training reads them through exactly the code path of real data. Image i of a split
@@ -16,6 +17,7 @@ depends only on (seed, split, i): generation is parallel and repeatable.
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import json
 import math
@@ -32,7 +34,7 @@ from PIL import Image, ImageDraw
 CLASSES = ("disc", "ring", "square", "bar", "triangle", "star", "cross", "hexagon", "crescent", "arrow")
 SPLITS = {"train": 0, "val": 1}
 MARKER = "synthetic.json"
-VERSION = 1  # bump when the rendering changes, so cached copies are regenerated
+VERSION = 5  # bump when the rendering changes, so cached copies are regenerated
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,44 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _texture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """A fill for an object: flat colour, stripes of two colours, or a gradient."""
-    kind = rng.integers(3)
-    a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
+def _far_colour(rng: np.random.Generator, ref: np.ndarray, distance: float = 100.0) -> np.ndarray:
+    """A random colour at least ``distance`` away from ``ref`` (RGB, Euclidean), so that the
+    object stands out from the background around it (10 tries, then the farthest one)."""
+    best, best_d = None, -1.0
+    for _ in range(10):
+        c = np.array(_colour(rng), np.float32)
+        d = float(np.linalg.norm(c - ref))
+        if d > best_d:
+            best, best_d = c, d
+        if d >= distance:
+            break
+    return best
+
+
+def _class_colour(rng: np.random.Generator, label: int, classes: int, ref: np.ndarray,
+                  distance: float = 100.0) -> np.ndarray:
+    """A colour whose hue is the class's own (evenly spread around the wheel) plus broad noise
+    (std 0.12 turns, so neighbouring classes overlap a lot), away from ``ref`` if it can be."""
+    best, best_d = None, -1.0
+    for _ in range(10):
+        hue = (label / classes + rng.normal(0.0, 0.12)) % 1.0
+        c = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)),
+                     np.float32) * 255
+        d = float(np.linalg.norm(c - ref))
+        if d > best_d:
+            best, best_d = c, d
+        if d >= distance:
+            break
+    return best
+
+
+def _texture(rng: np.random.Generator, w: int, h: int, ref: np.ndarray, label: int,
+             classes: int) -> Image.Image:
+    """A fill for an object: flat colour (60%), stripes of two colours, or a gradient; the
+    first colour has the class's hue (a weak cue, as colour is for real objects), the second is
+    any colour; both differ from ``ref`` (the background under the object)."""
+    kind = rng.choice(3, p=[0.6, 0.2, 0.2])
+    a, b = _class_colour(rng, label, classes, ref), _far_colour(rng, ref)
     if kind == 0:
         return Image.new("RGB", (w, h), tuple(int(v) for v in a))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -149,7 +185,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     gh, gw = rng.integers(3, 8, 2)
     blotch = Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8), "RGB")
     blotch = np.asarray(blotch.resize((w, h), Image.BICUBIC), np.float32)
-    mix = rng.uniform(0.2, 0.6)
+    mix = rng.uniform(0.1, 0.35)
     return (1 - mix) * base + mix * blotch
 
 
@@ -159,7 +195,7 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int
     for _ in range(n):
         kind = rng.integers(4)
         x, y = rng.uniform(0, w), rng.uniform(0, h)
-        r = rng.uniform(0.02, 0.09) * side
+        r = rng.uniform(0.015, 0.05) * side
         colour = _colour(rng)
         if kind == 0:
             length, a = rng.uniform(0.1, 0.5) * side, rng.uniform(0, 2 * np.pi)
@@ -183,17 +219,20 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Image, in
     long = int(round(short * rng.uniform(1.15, 1.6)))  # never square
     w, h = (long, short) if rng.random() < 0.65 else (short, long)
 
-    canvas = Image.fromarray(np.clip(_background(rng, w, h), 0, 255).astype(np.uint8), "RGB")
+    background = np.clip(_background(rng, w, h), 0, 255)
+    canvas = Image.fromarray(background.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
-    n_clutter = int(rng.integers(6, 20))
-    n_front = int(rng.integers(0, 4))
+    n_clutter = int(rng.integers(3, 10))
+    n_front = int(rng.integers(0, 2))
     _clutter(draw, rng, w, h, n_clutter)
 
-    r = min(w, h) * math.exp(rng.uniform(math.log(0.12), math.log(0.45)))  # object radius
-    cx = rng.uniform(0.5 * r, w - 0.5 * r)  # up to half a radius outside the frame
-    cy = rng.uniform(0.5 * r, h - 0.5 * r)
+    r = min(w, h) * math.exp(rng.uniform(math.log(0.17), math.log(0.45)))  # object radius
+    # anywhere, but mostly near the middle (as in photos); up to half a radius outside the frame
+    cx = float(np.clip(rng.normal(w / 2, 0.2 * w), 0.5 * r, w - 0.5 * r))
+    cy = float(np.clip(rng.normal(h / 2, 0.2 * h), 0.5 * r, h - 0.5 * r))
     mask = _shape_mask(spec.classes[label], (w, h), cx, cy, r, rng.uniform(0, 2 * np.pi))
-    canvas.paste(_texture(rng, w, h), (0, 0), mask)
+    under = background[int(min(cy, h - 1)), int(min(cx, w - 1))]
+    canvas.paste(_texture(rng, w, h, under, label, spec.num_classes), (0, 0), mask)
     _clutter(draw, rng, w, h, n_front)  # in front of the object
 
     pixels = np.asarray(canvas, np.float32)

@@ -1,0 +1,123 @@
+"""Input pipeline benchmark: images per second per worker, ours vs a plain Pillow pipeline.
+
+Generates ImageNet-sized JPEGs (500x375 and 375x500, quality 90) and runs, in one process
+with one thread (what one data-loader worker is), per image and with batching:
+  decode   JPEG decode alone (Pillow, full size, RGB): the floor nothing can beat without
+           decoding less
+  plain    full decode, resize the shorter side to S, random crop, flip, float tensor,
+           normalise (torchvision's Resize/RandomCrop/ToTensor/Normalize, done with Pillow)
+  ours     vggnet.transforms.TrainTransform: the crop's source region resampled once, JPEG
+           decoded at reduced size when it still only shrinks, uint8 out (the colour shift
+           and normalisation run later on the device, on the whole batch)
+for the paper's fixed S=256, its jittered S in [256, 512] (crop 224), and the reduced preset
+(S=73, crop 64). Prints images/s and the ratios ours/plain (target >= 2) and ours/decode
+(target >= 0.75).
+
+    .venv/bin/python benchmarks/pipeline.py [--images 200] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vggnet.data import collate
+from vggnet.synthetic import SyntheticSpec, render
+from vggnet.transforms import TrainTransform
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def make_jpegs(folder: Path, n: int) -> list[str]:
+    """n photo-like JPEGs, 500x375 (3 in 4) or 375x500, quality 90, about 60-110 kB each."""
+    spec = SyntheticSpec(seed=7, min_side=375, max_side=375)
+    paths = []
+    for i in range(n):
+        img = render(spec, "train", i)[0]
+        img = img.resize((500, 375) if i % 4 else (375, 500), Image.BICUBIC)
+        p = folder / f"{i:04d}.jpg"
+        img.save(p, quality=90)
+        paths.append(str(p))
+    return paths
+
+
+def decode_only(path: str, rng: np.random.Generator):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def plain(path: str, rng: np.random.Generator, s_range: tuple[int, int], crop: int) -> torch.Tensor:
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    s = int(rng.integers(s_range[0], s_range[1] + 1))
+    w, h = img.size
+    size = (s, round(h * s / w)) if w <= h else (round(w * s / h), s)
+    img = img.resize(size, Image.BILINEAR)
+    x0, y0 = int(rng.integers(0, size[0] - crop + 1)), int(rng.integers(0, size[1] - crop + 1))
+    img = img.crop((x0, y0, x0 + crop, y0 + crop))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    t = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return t.float().div(255).sub_(MEAN).div_(STD)
+
+
+def run(fn, paths: list[str], batch: int, collate_fn) -> float:
+    """images/s of fn over paths, batching like a loader worker does."""
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    items = []
+    for p in paths:
+        items.append(fn(p, rng))
+        if len(items) == batch:
+            collate_fn(items)
+            items = []
+    return len(paths) / (time.perf_counter() - t)
+
+
+def best_of(repeat: int, *args) -> float:
+    return max(run(*args) for _ in range(repeat))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many passes")
+    ap.add_argument("--batch", type=int, default=32)
+    a = ap.parse_args()
+    torch.set_num_threads(1)  # one loader worker
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), a.images)
+        kb = np.mean([Path(p).stat().st_size for p in paths]) / 1024
+        print(f"{a.images} JPEGs, 500x375 / 375x500, {kb:.0f} kB on average; one process, one thread; "
+              f"best of {a.repeat}\n")
+        for p in paths:  # warm the page cache
+            Path(p).read_bytes()
+        dec = best_of(a.repeat, decode_only, paths, a.batch, lambda items: None)
+        print(f"{'setting':<26} {'decode':>9} {'plain':>9} {'ours':>9} {'ours/plain':>11} {'ours/decode':>12}")
+        results = []
+        for name, s_range, crop in (("paper S=256, crop 224", (256, 256), 224),
+                                    ("paper S=[256,512], 224", (256, 512), 224),
+                                    ("reduced S=73, crop 64", (73, 73), 64)):
+            t = TrainTransform(s_range, crop)
+            ours = best_of(a.repeat, lambda p, rng, t=t: (*t(p, rng), []), paths, a.batch,
+                           lambda items: collate([(i, 0, al, b) for i, al, b in items]))
+            pl = best_of(a.repeat, lambda p, rng, s=s_range, c=crop: plain(p, rng, s, c), paths, a.batch,
+                         torch.stack)
+            results.append((name, ours / pl, ours / dec))
+            print(f"{name:<26} {dec:>7.0f}/s {pl:>7.0f}/s {ours:>7.0f}/s {ours / pl:>10.2f}x "
+                  f"{100 * ours / dec:>11.0f}%")
+        print("\ntargets: ours/plain >= 2.00x, ours/decode >= 75%")
+        for name, vs_plain, vs_dec in results:
+            print(f"  {name:<26} {'met' if vs_plain >= 2 else 'NOT met':>7} (x{vs_plain:.2f})   "
+                  f"{'met' if vs_dec >= 0.75 else 'NOT met':>7} ({100 * vs_dec:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
