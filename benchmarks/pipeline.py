@@ -97,31 +97,44 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     a = ap.parse_args()
     torch.set_num_threads(1)  # one loader worker
+    r = measure(a.images, a.repeat, a.batch)
+    print(f"{a.images} JPEGs, 500x375 / 375x500, {r['kb']:.0f} kB on average; one process, one thread; "
+          f"best of {a.repeat}\n")
+    print(f"{'setting':<26} {'decode':>9} {'plain':>9} {'ours':>9} {'ours/plain':>11} {'ours/decode':>12}")
+    dec = r["decode"]
+    for name, (pl, ours) in r["settings"].items():
+        print(f"{name:<26} {dec:>7.0f}/s {pl:>7.0f}/s {ours:>7.0f}/s {ours / pl:>10.2f}x "
+              f"{100 * ours / dec:>11.0f}%")
+    print("\ntargets: ours/plain >= 2.00x, ours/decode >= 75%")
+    for name, (pl, ours) in r["settings"].items():
+        vs_plain, vs_dec = ours / pl, ours / dec
+        print(f"  {name:<26} {'met' if vs_plain >= 2 else 'NOT met':>7} (x{vs_plain:.2f})   "
+              f"{'met' if vs_dec >= 0.75 else 'NOT met':>7} ({100 * vs_dec:.0f}%)")
+
+
+SETTINGS = (("paper S=256, crop 224", (256, 256), 224),
+            ("paper S=[256,512], 224", (256, 512), 224),
+            ("reduced S=73, crop 64", (73, 73), 64))
+
+
+def measure(images: int, repeat: int, batch: int, settings=SETTINGS) -> dict:
+    """Images/s of JPEG decoding alone and, per (name, S range, crop) setting, of the plain
+    pipeline and ours, in this process (best of ``repeat``). Also what ``vggnet bench`` runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(Path(tmp), a.images)
+        paths = make_jpegs(Path(tmp), images)
         kb = np.mean([Path(p).stat().st_size for p in paths]) / 1024
-        print(f"{a.images} JPEGs, 500x375 / 375x500, {kb:.0f} kB on average; one process, one thread; "
-              f"best of {a.repeat}\n")
         for p in paths:  # warm the page cache
             Path(p).read_bytes()
-        dec = best_of(a.repeat, decode_only, paths, a.batch, lambda items: None)
-        print(f"{'setting':<26} {'decode':>9} {'plain':>9} {'ours':>9} {'ours/plain':>11} {'ours/decode':>12}")
-        results = []
-        for name, s_range, crop in (("paper S=256, crop 224", (256, 256), 224),
-                                    ("paper S=[256,512], 224", (256, 512), 224),
-                                    ("reduced S=73, crop 64", (73, 73), 64)):
+        dec = best_of(repeat, decode_only, paths, batch, lambda items: None)
+        results = {}
+        for name, s_range, crop in settings:
             t = TrainTransform(s_range, crop)
-            ours = best_of(a.repeat, lambda p, rng, t=t: (*t(p, rng), []), paths, a.batch,
+            ours = best_of(repeat, lambda p, rng, t=t: (*t(p, rng), []), paths, batch,
                            lambda items: collate([(i, 0, al, b) for i, al, b in items]))
-            pl = best_of(a.repeat, lambda p, rng, s=s_range, c=crop: plain(p, rng, s, c), paths, a.batch,
+            pl = best_of(repeat, lambda p, rng, s=s_range, c=crop: plain(p, rng, s, c), paths, batch,
                          torch.stack)
-            results.append((name, ours / pl, ours / dec))
-            print(f"{name:<26} {dec:>7.0f}/s {pl:>7.0f}/s {ours:>7.0f}/s {ours / pl:>10.2f}x "
-                  f"{100 * ours / dec:>11.0f}%")
-        print("\ntargets: ours/plain >= 2.00x, ours/decode >= 75%")
-        for name, vs_plain, vs_dec in results:
-            print(f"  {name:<26} {'met' if vs_plain >= 2 else 'NOT met':>7} (x{vs_plain:.2f})   "
-                  f"{'met' if vs_dec >= 0.75 else 'NOT met':>7} ({100 * vs_dec:.0f}%)")
+            results[name] = (pl, ours)
+    return {"kb": kb, "decode": dec, "settings": results}
 
 
 if __name__ == "__main__":

@@ -33,12 +33,16 @@ def test_bench_quick_reports_every_item(tmp_path, capsys):
                      rf"ours {NUM} % \[target >= 99%\]\n    6 validation images of", out, re.M)
     assert re.search(rf"^evaluation dense vs 100 crops, VGG-16 width 0.0625 32, Q=\{{32,48\}}: "
                      rf"ours {NUM} img/s, baseline {NUM} img/s, ratio {NUM}x \[target >= 5x\]", out, re.M)
+    for setting in ("paper S=256, crop 224", "paper S=\\[256,512\\], 224", "reduced S=73, crop 64"):
+        assert re.search(rf"^input pipeline, {setting}: ours {NUM} img/s, baseline {NUM} img/s, "
+                         rf"ratio {NUM}x \[target >= 2x plain, >= 75% of JPEG decoding alone\]\n"
+                         rf"    JPEG decoding alone {NUM} img/s: ours is {NUM}% of it", out, re.M)
     for kind in ("inference", "training"):
         assert re.search(rf"^peak memory, {kind} VGG-16 width 0.0625 32 batch 2: ours {NUM} MiB, "
                          rf"baseline {NUM} MiB, ratio {NUM}x", out, re.M)
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["peaks"]) == {"float32", "bfloat16"}
-    assert len(report["results"]) == 7
+    assert len(report["results"]) == 10
     r = report["results"][0]
     assert r["ratio"] == r["ours"] / r["baseline"] and 0 < r["of_peak"]
 

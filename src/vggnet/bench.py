@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .info import summarize
 from .model import VGGConfig, build
-from .runtime import Runtime, make_runtime
+from .runtime import Runtime, cpu_has_native_bf16, make_runtime
 from .train import PRESETS
 
 
@@ -83,6 +83,8 @@ class Settings:
     eval_width: float = 0.25  # dense vs multi-crop: the full net takes minutes per image on a CPU
     eval_scales: tuple[int, ...] = (256, 384, 512)
     eval_images: int = 4
+    pipeline_images: int = 200
+    pipeline_repeats: int = 3
     repeats: int = 5
     matmul_n: int = 4096
     memory: bool = True
@@ -101,7 +103,8 @@ class Settings:
     def quick(cls) -> Settings:
         return cls(crop=32, width=1 / 16, inference_batches=(2,), train_batch=2, train_steps=2,
                    reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, reduced_steps=3,
-                   eval_width=1 / 16, eval_scales=(32, 48), eval_images=1, repeats=2, matmul_n=256)
+                   eval_width=1 / 16, eval_scales=(32, 48), eval_images=1, pipeline_images=4,
+                   pipeline_repeats=1, repeats=2, matmul_n=256)
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -337,6 +340,27 @@ def benchmark_script(name: str):
     return module
 
 
+def bench_pipeline(s: Settings) -> list[Result] | None:
+    """Training input pipeline, images/s of one loader worker (one process, one thread) on
+    ImageNet-sized JPEGs: ours against the plain Pillow pipeline and against JPEG decoding
+    alone, through benchmarks/pipeline.py (best of its repeats)."""
+    script = benchmark_script("pipeline")
+    if script is None:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what one loader worker has
+    try:
+        r = script.measure(s.pipeline_images, s.pipeline_repeats, 32)
+    finally:
+        torch.set_num_threads(threads)
+    return [Result(f"input pipeline, {name}", "img/s", ours, plain,
+                   target=">= 2x plain, >= 75% of JPEG decoding alone",
+                   notes=[f"JPEG decoding alone {r['decode']:.0f} img/s: ours is {100 * ours / r['decode']:.0f}% "
+                          f"of it; {s.pipeline_images} JPEGs of 500x375/375x500 ({r['kb']:.0f} kB), one "
+                          "worker, best of repeats (benchmarks/pipeline.py)"])
+            for name, (plain, ours) in r["settings"].items()]
+
+
 def bench_evaluation(s: Settings, rt: Runtime) -> Result | None:
     """Dense multi-scale evaluation against 150 crops at the same scales, through
     benchmarks/eval_dense_vs_multicrop.py (best of its repeats, alternating)."""
@@ -458,8 +482,9 @@ def machine_line() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads{gpu}, "
-            f"torch {torch.__version__}")
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return (f"{model} ({bf16}), {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch "
+            f"threads{gpu}, torch {torch.__version__}")
 
 
 def _load() -> str:
@@ -469,7 +494,7 @@ def _load() -> str:
         return "n/a"
 
 
-ITEMS = ("inference", "agreement", "training", "evaluation", "memory")
+ITEMS = ("inference", "agreement", "training", "pipeline", "evaluation", "memory")
 
 
 def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[str] = ITEMS,
@@ -523,6 +548,12 @@ def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[st
     if "training" in items:
         emit(bench_training(s, rt, peak, _config(s), s.train_batch, s.train_steps))
         emit(bench_training(s, rt, peak, reduced, s.reduced_batch, s.reduced_steps))
+    if "pipeline" in items:
+        rs = bench_pipeline(s)
+        for r in rs or []:
+            emit(r)
+        if rs is None:
+            log("input pipeline: skipped, benchmarks/pipeline.py is not next to this vggnet")
     if "evaluation" in items:
         r = bench_evaluation(s, rt)
         if r:
