@@ -65,8 +65,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                    ("scale", args.scale and (args.scale[0], args.scale[-1])),
                                    ("batch_size", args.batch_size)) if v is not None}
     result = run_demo(DemoSettings(data_dir=args.data_dir, out=args.out, dataset=spec, model=args.model,
-                                   epochs=args.epochs, workers=args.workers, progress=args.progress,
-                                   overrides=overrides))
+                                   epochs=args.epochs, precision=args.precision, workers=args.workers,
+                                   progress=args.progress, overrides=overrides))
     return 130 if result.status == "interrupted" else 0
 
 
@@ -93,6 +93,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--crop-size", type=int, help="override the reduced preset's crop")
     p.add_argument("--scale", type=int, nargs="+", metavar="S", help="override the training scale")
     p.add_argument("--batch-size", type=int, help="override the reduced preset's batch")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="default: bf16 on a CPU with native bf16, else the runtime's choice")
     p.add_argument("--workers", type=int, help="loader processes")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_demo)
