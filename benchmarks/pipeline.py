@@ -6,9 +6,10 @@ with one thread (what one data-loader worker is), per image and with batching:
            decoding less
   plain    full decode, resize the shorter side to S, random crop, flip, float tensor,
            normalise (torchvision's Resize/RandomCrop/ToTensor/Normalize, done with Pillow)
-  ours     vggnet.transforms.TrainTransform: the crop's source region resampled once, JPEG
-           decoded at reduced size when it still only shrinks, uint8 out (the colour shift
-           and normalisation run later on the device, on the whole batch)
+  ours     vggnet.transforms.TrainTransform: only the crop's source region resampled (torch's
+           vectorised uint8 antialiased bilinear, Pillow's filter), JPEG decoded at reduced
+           size when it still only shrinks, uint8 out (the colour shift and normalisation run
+           later on the device, on the whole batch)
 for the paper's fixed S=256, its jittered S in [256, 512] (crop 224), and the reduced preset
 (S=73, crop 64). Prints images/s and the ratios ours/plain (target >= 2) and ours/decode
 (target >= 0.75).

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from imagefiles import good_files, noise_image
 from vggnet import preprocess
-from vggnet.image import load_rgb, load_rgb_reduced, resize_shorter
+from vggnet.image import load_rgb, load_rgb_reduced, resize_shorter, shorter_side_size
 from vggnet.synthetic import SyntheticSpec, render
 from vggnet.transforms import (
     ColorStats,
@@ -19,16 +20,74 @@ from vggnet.transforms import (
 )
 
 
-@pytest.mark.parametrize("size,shorter,box", [((97, 61), 40, (3, 0, 35, 32)), ((61, 97), 80, (0, 47, 32, 79)),
-                                             ((50, 40), 40, (10, 0, 42, 32)), ((33, 90), 120, (88, 200, 120, 232))])
-def test_crop_before_resize_equals_resize_then_crop(tmp_path, size, shorter, box):
+def _full_rescale(path, shorter: int) -> np.ndarray:
+    """The whole image rescaled by torch's antialiased bilinear: what crop_resized takes
+    windows of."""
+    img = load_rgb(path)
+    w, h = shorter_side_size(img.size, shorter)
+    t = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+    return F.interpolate(t, size=(h, w), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+
+
+# windows whose start falls on the full rescale's grid (source pixel a at output k): sc = 2
+# (any x0), sc = 1.5 (odd x0, y0), sc = 0.5 (upscaling, even), at the origin and at the far
+# edges, and the whole image at a scale with no alignment at all
+@pytest.mark.parametrize("size,shorter,box", [((200, 120), 60, (11, 7, 43, 39)), ((150, 96), 64, (21, 5, 53, 37)),
+                                             ((50, 40), 80, (10, 4, 42, 36)), ((200, 120), 60, (68, 28, 100, 60)),
+                                             ((97, 61), 40, (0, 0, 32, 32)), ((97, 61), 40, (0, 0, 64, 40))])
+def test_window_equals_resize_then_crop(tmp_path, size, shorter, box):
     p = tmp_path / "x.png"
     noise_image(*size).save(p)
-    full = np.asarray(resize_shorter(load_rgb(p), shorter).crop(box), np.int16)
-    fast = np.asarray(crop_resized(load_rgb_reduced(p, shorter), shorter, box), np.int16)
-    # the same filter at the same sample positions; Pillow may run the two separable passes in
-    # the other order for a box, which rounds the 8-bit intermediate differently: +-1 at most
-    assert np.abs(full - fast).max() <= 1 and np.abs(full - fast).mean() < 0.3
+    x0, y0, x1, y1 = box
+    full = _full_rescale(p, shorter)
+    fast = crop_resized(load_rgb_reduced(p, shorter), shorter, box)
+    # bit-identical: the filter at every sample sees the source pixels the full rescale's does
+    assert np.array_equal(fast, full[y0:y1, x0:x1])
+    assert np.array_equal(crop_resized(load_rgb_reduced(p, shorter), shorter, box, flip=True), fast[:, ::-1])
+
+
+def test_resampling_is_pillows_bilinear(tmp_path):
+    p = tmp_path / "x.png"
+    noise_image(97, 61).save(p)
+    for shorter in (40, 61, 150):  # shrink, identity, enlarge
+        pillow = np.asarray(resize_shorter(load_rgb(p), shorter), np.int16)
+        ours = crop_resized(load_rgb_reduced(p, shorter), shorter, (0, 0, *pillow.shape[1::-1])).astype(np.int16)
+        assert np.abs(pillow - ours).max() <= 1 and np.abs(pillow - ours).mean() < 0.5, shorter
+
+
+def _assert_samples(got: np.ndarray, start: int, scale: float) -> None:
+    """``got``: pixel values along one axis of a window of a ramp image (value = source
+    coordinate) rescaled by 1/scale. An antialiased bilinear sample of a ramp is the source
+    coordinate of its centre, so these say where the samples were taken: at the full
+    rescale's spacing, starting at most one source pixel before the window's nominal start
+    (plus half a grey level of rounding). Samples whose filter reaches the image edge (the
+    first two and last two) are biased by the clipping and left out."""
+    nominal = (start + np.arange(len(got)) + 0.5) * scale - 0.5
+    shift = (nominal - got.astype(float))[2:-2]
+    assert shift.min() > -0.51 and shift.max() < 1.51, (start, scale, shift)
+    assert np.ptp(shift) <= 1.0, (start, scale, shift)  # the spacing is the full rescale's
+
+
+def _ramp_image(w, h):
+    """R = x, G = y (in pixels): the colour of a pixel says where it came from."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+
+
+def test_window_anywhere_samples_the_full_rescale_grid(tmp_path):
+    p = tmp_path / "ramp.png"
+    Image.fromarray(_ramp_image(250, 180)).save(p)
+    for shorter in (61, 97, 150, 240):
+        rw, rh = shorter_side_size((250, 180), shorter)
+        sx, sy = 250 / rw, 180 / rh  # rounding rw makes the two scales differ slightly
+        for x0, y0 in ((0, 0), (1, 3), (7, 2), (rw - 40, rh - 40), ((rw - 40) // 2, (rh - 40) // 3)):
+            out = crop_resized(load_rgb_reduced(p, shorter), shorter, (x0, y0, x0 + 40, y0 + 40))
+            assert out.shape == (40, 40, 3)
+            if shorter == 240:  # enlarging: x values run past 255, check the rows only
+                _assert_samples(out[:, 0, 1], y0, sy)
+                continue
+            _assert_samples(out[0, :, 0], x0, sx)
+            _assert_samples(out[:, 0, 1], y0, sy)
 
 
 def test_reduced_jpeg_decoding_is_used_and_close(tmp_path):
@@ -51,15 +110,9 @@ def test_exif_rotated_jpeg_reduced_keeps_upright_size(tmp_path):
     assert d.full_size == (160, 64) and d.reduction == 4 and d.image.size == (40, 16)
 
 
-def _coord_image(w, h):
-    """R = x, G = y (in pixels): the colour of a pixel says where it came from."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
-
-
 def test_train_transform_scale_crop_flip(tmp_path):
     p = tmp_path / "coords.png"
-    Image.fromarray(_coord_image(120, 80)).save(p)
+    Image.fromarray(_ramp_image(120, 80)).save(p)
     t = TrainTransform(scale=(40, 80), crop_size=32)
     rng = np.random.default_rng(0)
     draws = [t.draw(rng) for _ in range(2000)]
@@ -81,12 +134,13 @@ def test_train_transform_scale_crop_flip(tmp_path):
         xs.add(x0)
         ys.add(int(out[0, 0, 1]))
     assert min(xs) == 0 and max(xs) == 120 - 32 and min(ys) == 0 and max(ys) == 80 - 32
-    # any S: the output is exactly that crop of the image rescaled to S
+    # any S: that crop of the image rescaled to S (starting less than a source pixel early)
     for d in draws[:20]:
         out = t.apply(p, dict(d, flip=False))
-        big = np.asarray(resize_shorter(load_rgb(p), d["s"]), np.int16)
-        x0, y0 = int(d["u"] * (big.shape[1] - 31)), int(d["v"] * (big.shape[0] - 31))
-        assert np.abs(big[y0:y0 + 32, x0:x0 + 32] - out).max() <= 1, d["s"]
+        rw, rh = shorter_side_size((120, 80), d["s"])
+        x0, y0 = int(d["u"] * (rw - 31)), int(d["v"] * (rh - 31))
+        _assert_samples(out[0, :, 0], x0, 120 / rw)
+        _assert_samples(out[:, 0, 1], y0, 80 / rh)
 
 
 def test_train_transform_rejects_crop_larger_than_scale():
@@ -96,7 +150,7 @@ def test_train_transform_rejects_crop_larger_than_scale():
 
 def test_eval_transform_centre_crop_and_whole(tmp_path):
     p = tmp_path / "coords.png"
-    Image.fromarray(_coord_image(100, 60)).save(p)
+    Image.fromarray(_ramp_image(100, 60)).save(p)
     out = EvalTransform(60, 32)(p)
     assert out.shape == (32, 32, 3) and out[0, 0, 0] == 34 and out[0, 0, 1] == 14
     assert EvalTransform(30, None)(p).shape == (30, 50, 3)

@@ -30,7 +30,7 @@ import torch
 
 from .image import BadImageError, load_rgb_reduced, shorter_side_size
 from .runtime import Runtime, make_runtime
-from .transforms import crop_resized, default_test_scale, to_array
+from .transforms import crop_resized, default_test_scale
 from .weights import LoadedModel, load_model
 
 METHODS = ("center", "dense", "multicrop", "dense+multicrop")
@@ -139,7 +139,7 @@ class RescaledImages(torch.utils.data.Dataset):
         out = []
         for q in self.scales:
             w, h = shorter_side_size(decoded.full_size, q)
-            out.append(to_array(crop_resized(decoded, q, (0, 0, w, h))))
+            out.append(crop_resized(decoded, q, (0, 0, w, h)))
         return i, out
 
 

@@ -3,8 +3,9 @@
 In data-loader workers, per image, uint8 out (``TrainTransform``, ``EvalTransform``):
     isotropic rescale so the shorter side is S (fixed, or drawn per image from [Smin, Smax]),
     random crop, random horizontal flip. The rescale and the crop are one resampling of the
-    crop's source region (``crop_resized``), bit-identical to rescaling the whole image and
-    cropping it, and JPEGs are decoded at reduced size when that still only shrinks them.
+    crop's source region (``crop_resized``, torch's vectorised uint8 antialiased bilinear),
+    the same samples as rescaling the whole image and cropping it, and JPEGs are decoded at
+    reduced size when that still only shrinks them.
 On the device, per batch (``device_batch``):
     AlexNet's PCA colour shift, then the mean-RGB subtraction of ``preprocess.paper``.
 The statistics both need (mean RGB, PCA of the RGB covariance) come from the training set
@@ -14,6 +15,7 @@ The statistics both need (mean RGB, PCA of the RGB covariance) come from the tra
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .image import BadImageError, Decoded, load_rgb_reduced, shorter_side_size
 from .preprocess import Preprocessing
@@ -29,30 +30,53 @@ from .preprocess import Preprocessing
 PCA_STD = 0.1  # AlexNet: alpha ~ N(0, 0.1) per principal component, per image
 
 
-def crop_resized(decoded: Decoded, shorter: int, box: tuple[int, int, int, int]) -> Image.Image:
-    """Pixels ``box`` = (x0, y0, x1, y1) of the image rescaled to shorter side ``shorter``.
+def _window(length: int, span: float, rescaled: int, start: int, size: int) -> tuple[int, int, int, float]:
+    """One axis of ``crop_resized``: the source pixels [a, b) to resample (of ``length``), the
+    output offset k of the window in their resampling, and the scale (source pixels per output
+    pixel: ``span``, the image's extent in source pixels, over ``rescaled`` output pixels)."""
+    scale = span / rescaled
+    if start == 0:
+        a, k = 0, 0
+    else:
+        # the resampled grid starts at source pixel a; output k is the window's first pixel,
+        # far enough in that its filter support (max(scale, 1) source pixels) is inside [a, b)
+        k = max(1, math.ceil(max(scale, 1.0) / scale - 0.5))
+        a = math.floor((start - k) * scale)
+    b = min(length, math.ceil(a + (k + size - 0.5) * scale + max(scale, 1.0)) + 1)
+    return a, b, k, scale
 
-    Computed as one resampling of the box's source region: Pillow's ``resize(box=)`` places
-    every output sample where the full rescale would and takes the filter support from the
-    whole image, so only the crop's pixels are computed and the result is
-    ``resize_shorter(img, shorter).crop(box)`` up to rounding: Pillow may run the two
-    separable passes in the other order for a box, so the 8-bit intermediate rounds
-    differently (values differ by at most 1; about a quarter of them when upscaling).
+
+def crop_resized(decoded: Decoded, shorter: int, box: tuple[int, int, int, int],
+                 flip: bool = False) -> np.ndarray:
+    """(y1 - y0, x1 - x0, 3) uint8: window ``box`` = (x0, y0, x1, y1) of the image rescaled
+    so that its shorter side is ``shorter``.
+
+    The rescale is bilinear with antialiasing (the triangle filter widened by the scale when
+    shrinking: Pillow's BILINEAR and torch's ``antialias=True``), computed by torch's
+    vectorised uint8 kernel, about 3x faster than Pillow's. Only the window is computed:
+    the source region under it plus the filter's support is resampled at the full image's
+    scale, so every output sample has the full rescale's filter and spacing. The resampled
+    grid starts on a source pixel, so a window that does not start at the image's edge
+    starts up to one source pixel before (x0, y0), i.e. less than one output pixel when
+    shrinking: a random crop lands on a sub-pixel position, a centre crop is off centre by at
+    most that much, and the whole image (x0 = y0 = 0) is the full rescale exactly.
+    ``flip`` mirrors the window left-right (the training flip; in torch it costs a tenth of
+    a numpy copy of a negatively strided view).
     """
+    img, r = decoded.image, decoded.reduction
     w, h = decoded.full_size
     rw, rh = shorter_side_size((w, h), shorter)
     x0, y0, x1, y1 = box
-    r = decoded.reduction
-    # source coordinates in decoded pixels: full-resolution x * (w / rw), divided by the
-    # draft reduction; products first so the edges are exact (x1 == rw gives exactly w / r)
-    src = (x0 * w / (rw * r), y0 * h / (rh * r), x1 * w / (rw * r), y1 * h / (rh * r))
-    return decoded.image.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=src, reducing_gap=None)
-
-
-def to_array(img: Image.Image) -> np.ndarray:
-    """PIL RGB -> (H, W, 3) uint8; batches of these become (N, 3, H, W) by a permute (a
-    channels_last view, no copy), see ``data.collate``."""
-    return np.asarray(img, dtype=np.uint8)
+    # a JPEG decoded at 1/r: decoded pixel x covers full-resolution pixels [x*r, (x+1)*r), so
+    # the image spans w / r decoded pixels (its last one may be partly padding: 375 -> 188)
+    ax, bx, kx, sx = _window(img.width, w / r, rw, x0, x1 - x0)
+    ay, by, ky, sy = _window(img.height, h / r, rh, y0, y1 - y0)
+    src = torch.from_numpy(np.array(img.crop((ax, ay, bx, by)))).permute(2, 0, 1)[None]
+    # (1, 3, h, w) channels_last uint8 -> (1, 3, ky + ch, kx + cw); the explicit scales keep
+    # the full image's sample spacing (output i at source a + (i + 0.5) * scale)
+    out = torch.ops.aten._upsample_bilinear2d_aa(src, [ky + y1 - y0, kx + x1 - x0], False, 1 / sy, 1 / sx)
+    out = out[0, :, ky:, kx:]
+    return (out.flip(2) if flip else out).permute(1, 2, 0).numpy()
 
 
 @dataclass(frozen=True)
@@ -89,10 +113,7 @@ class TrainTransform:
         rw, rh = shorter_side_size(decoded.full_size, s)
         x0 = min(int(choice["u"] * (rw - c + 1)), rw - c)
         y0 = min(int(choice["v"] * (rh - c + 1)), rh - c)
-        img = crop_resized(decoded, s, (x0, y0, x0 + c, y0 + c))
-        if choice["flip"]:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_array(img)
+        return crop_resized(decoded, s, (x0, y0, x0 + c, y0 + c), choice["flip"])
 
     def __call__(self, path: str | os.PathLike, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         choice = self.draw(rng)
@@ -122,7 +143,7 @@ class EvalTransform:
             c = self.crop_size
             x0, y0 = int(round((rw - c) / 2)), int(round((rh - c) / 2))
             box = (x0, y0, x0 + c, y0 + c)
-        return to_array(crop_resized(decoded, self.size, box))
+        return crop_resized(decoded, self.size, box)
 
 
 def default_test_scale(scale: Sequence[int]) -> int:
@@ -178,8 +199,7 @@ def _image_moments(path: str, shorter: int) -> tuple[np.ndarray, np.ndarray] | N
     except BadImageError:
         return None
     w, h = shorter_side_size(decoded.full_size, shorter)
-    img = crop_resized(decoded, shorter, (0, 0, w, h))
-    x = np.asarray(img, dtype=np.float64).reshape(-1, 3) / 255.0
+    x = crop_resized(decoded, shorter, (0, 0, w, h)).astype(np.float64).reshape(-1, 3) / 255.0
     return x.mean(0), x.T @ x / len(x)
 
 
@@ -196,7 +216,7 @@ def compute_stats(paths: Sequence[str], shorter: int = 256, max_images: int = 10
         raise ValueError("cannot compute colour statistics from an empty training set")
     step = max(1, len(paths) / max_images) if max_images else 1
     picked = [paths[int(i * step)] for i in range(min(len(paths), max_images or len(paths)))]
-    # Pillow releases the GIL while decoding and resizing: threads scale on every core
+    # Pillow and torch release the GIL while decoding and resizing: threads scale on every core
     with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
         moments = [m for m in pool.map(lambda p: _image_moments(p, shorter), picked) if m is not None]
     if not moments:
