@@ -111,6 +111,22 @@ def test_extract_taps():
     assert "conv5_4" in tiny("E").layer_names() and "conv5_4" not in m.layer_names()
 
 
+@pytest.mark.parametrize("size,channels", [(5, 8), (5, 3), (4, 7), (1, 2)])
+def test_lrn_equals_torchs_in_values_and_gradients(size, channels):
+    from vggnet.model import LocalResponseNorm
+
+    ours, ref = LocalResponseNorm(size, 5e-2, 0.75, 2.0), torch.nn.LocalResponseNorm(size, 5e-2, 0.75, 2.0)
+    x = (torch.rand(2, channels, 6, 5, dtype=torch.float64) * 20).contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().float().requires_grad_(), x.clone().float().requires_grad_()
+    torch.testing.assert_close(ours(a), ref(b), atol=1e-6, rtol=1e-5)
+    g = torch.randn(2, channels, 6, 5)
+    ours(a).backward(g)
+    ref(b).backward(g)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside, the input's dtype out
+        assert ours(x.float()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_lrn_matches_alexnet_formula():
     m = vggnet.create_model("A-LRN", num_classes=3, width=0.125, crop_size=32)
     lrn = m.features.lrn1

@@ -62,10 +62,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = SyntheticSpec(seed=args.seed, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, num_classes=args.classes)
     overrides = {k: v for k, v in (("width", args.width), ("crop_size", args.crop_size),
-                                   ("scale", args.scale and (args.scale[0], args.scale[-1])),
-                                   ("batch_size", args.batch_size)) if v is not None}
+                                   ("scale", args.scale and (args.scale[0], args.scale[-1])))
+                 if v is not None}
     result = run_demo(DemoSettings(data_dir=args.data_dir, out=args.out, dataset=spec, model=args.model,
-                                   epochs=args.epochs, precision=args.precision, workers=args.workers,
+                                   epochs=args.epochs, batch_size=args.batch_size, precision=args.precision, workers=args.workers,
                                    progress=args.progress, overrides=overrides))
     return 130 if result.status == "interrupted" else 0
 
@@ -92,7 +92,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--width", type=float, help="override the reduced preset's width")
     p.add_argument("--crop-size", type=int, help="override the reduced preset's crop")
     p.add_argument("--scale", type=int, nargs="+", metavar="S", help="override the training scale")
-    p.add_argument("--batch-size", type=int, help="override the reduced preset's batch")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"global batch (default {d.batch_size}: see vggnet.demo)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="default: bf16 on a CPU with native bf16, else the runtime's choice")
     p.add_argument("--workers", type=int, help="loader processes")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,26 @@ FC_WIDTH = 4096
 # AlexNet's LRN: b = a / (k + alpha * sum_{n neighbours} a^2) ** beta with k=2, n=5,
 # alpha=1e-4, beta=0.75. PyTorch divides alpha by n, hence alpha * n here.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """AlexNet's LRN across channels, the numbers of ``nn.LocalResponseNorm``, with the
+    windowed sum of squares computed as a 1x1 convolution by a band of ones (a matmul over
+    channels). torch's own formulation (a 3-D average pool over a padded copy) took 621 ms
+    forward and backward on a (256, 8, 64, 64) batch on one CPU thread, this 275 ms. Computed
+    in float32 whatever autocast says: the sum of squares is what LRN is sensitive to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # output channel i sums input channels i - size//2 .. i + (size-1)//2 (as torch pads)
+        c = x.shape[1]
+        d = torch.arange(c, device=x.device)
+        d = d[None, :] - d[:, None]  # (out, in): in - out
+        band = ((d >= -(self.size // 2)) & (d <= (self.size - 1) // 2)).float().view(c, c, 1, 1)
+        kind = x.device.type  # the meta device (shape inference in vggnet.info) has no autocast
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
+            xf = x.float()
+            norm = (self.k + self.alpha / self.size * F.conv2d(xf * xf, band)).pow(-self.beta)
+            return (xf * norm).to(x.dtype)
 
 
 def list_models() -> list[str]:
@@ -133,8 +154,8 @@ def feature_layers(cfg: VGGConfig) -> Iterator[tuple[str, nn.Module]]:
             yield f"pool{block}", nn.MaxPool2d(kernel_size=2, stride=2)
             block, layer = block + 1, 0
         elif token == "L":
-            yield f"lrn{block}", nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE,
-                                                      beta=LRN_BETA, k=LRN_K)
+            yield f"lrn{block}", LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE,
+                                                   beta=LRN_BETA, k=LRN_K)
         else:
             width, kernel = token if isinstance(token, tuple) else (token, 3)
             width = cfg.scaled(width)
