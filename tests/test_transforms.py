@@ -31,10 +31,11 @@ def _full_rescale(path, shorter: int) -> np.ndarray:
 
 # windows whose start falls on the full rescale's grid (source pixel a at output k): sc = 2
 # (any x0), sc = 1.5 (odd x0, y0), sc = 0.5 (upscaling, even), at the origin and at the far
-# edges, and the whole image at a scale with no alignment at all
+# edges, near the edge of a much enlarged image, and the whole image at a scale with no alignment
 @pytest.mark.parametrize("size,shorter,box", [((200, 120), 60, (11, 7, 43, 39)), ((150, 96), 64, (21, 5, 53, 37)),
                                              ((50, 40), 80, (10, 4, 42, 36)), ((200, 120), 60, (68, 28, 100, 60)),
-                                             ((97, 61), 40, (0, 0, 32, 32)), ((97, 61), 40, (0, 0, 64, 40))])
+                                             ((97, 61), 40, (0, 0, 32, 32)), ((97, 61), 40, (0, 0, 64, 40)),
+                                             ((12, 10), 64, (3, 2, 35, 34))])  # enlarged 6.4x, near the edge
 def test_window_equals_resize_then_crop(tmp_path, size, shorter, box):
     p = tmp_path / "x.png"
     noise_image(*size).save(p)

@@ -35,12 +35,12 @@ def _window(length: int, span: float, rescaled: int, start: int, size: int) -> t
     output offset k of the window in their resampling, and the scale (source pixels per output
     pixel: ``span``, the image's extent in source pixels, over ``rescaled`` output pixels)."""
     scale = span / rescaled
-    if start == 0:
-        a, k = 0, 0
+    # the resampled grid starts at source pixel a; output k is the window's first pixel, far
+    # enough in that its filter support (max(scale, 1) source pixels) is inside [a, b)
+    k = max(1, math.ceil(max(scale, 1.0) / scale - 0.5))
+    if start <= k:  # near the edge (or enlarging a lot): resample from the edge, exactly
+        a, k = 0, start
     else:
-        # the resampled grid starts at source pixel a; output k is the window's first pixel,
-        # far enough in that its filter support (max(scale, 1) source pixels) is inside [a, b)
-        k = max(1, math.ceil(max(scale, 1.0) / scale - 0.5))
         a = math.floor((start - k) * scale)
     b = min(length, math.ceil(a + (k + size - 0.5) * scale + max(scale, 1.0)) + 1)
     return a, b, k, scale
