@@ -123,8 +123,14 @@ def test_lrn_equals_torchs_in_values_and_gradients(size, channels):
     ours(a).backward(g)
     ref(b).backward(g)
     torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside, the input's dtype out
-        assert ours(x.float()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
+    # float32 inside whatever the input: under autocast float32 out (as torch's LRN gives
+    # there, though it squares in bf16), a bf16 model's input stays bf16
+    xb = x.bfloat16()
+    exact = ref(xb.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ref(xb).dtype == torch.float32
+        torch.testing.assert_close(ours(xb), exact, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours(xb), exact.bfloat16())
 
 
 def test_lrn_matches_alexnet_formula():

@@ -46,7 +46,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     windowed sum of squares computed as a 1x1 convolution by a band of ones (a matmul over
     channels). torch's own formulation (a 3-D average pool over a padded copy) took 621 ms
     forward and backward on a (256, 8, 64, 64) batch on one CPU thread, this 275 ms. Computed
-    in float32 whatever autocast says: the sum of squares is what LRN is sensitive to."""
+    in float32 whatever the input or autocast, as torch's LRN computes under autocast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # output channel i sums input channels i - size//2 .. i + (size-1)//2 (as torch pads)
@@ -55,10 +55,12 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         d = d[None, :] - d[:, None]  # (out, in): in - out
         band = ((d >= -(self.size // 2)) & (d <= (self.size - 1) // 2)).float().view(c, c, 1, 1)
         kind = x.device.type  # the meta device (shape inference in vggnet.info) has no autocast
-        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        with torch.autocast(kind, enabled=False) if autocast else nullcontext():
             xf = x.float()
-            norm = (self.k + self.alpha / self.size * F.conv2d(xf * xf, band)).pow(-self.beta)
-            return (xf * norm).to(x.dtype)
+            out = xf * (self.k + self.alpha / self.size * F.conv2d(xf * xf, band)).pow(-self.beta)
+        # under autocast float32 out, as torch's LRN gives there; otherwise the input's dtype
+        return out if autocast else out.to(x.dtype)
 
 
 def list_models() -> list[str]:
