@@ -31,6 +31,10 @@ def test_bench_quick_reports_every_item(tmp_path, capsys):
     assert re.search(rf"^training step VGG-16 width 0.0625 32 batch 8: {vs}", out, re.M)
     assert re.search(rf"^top-1 agreement with float32, trained VGG-11 width 0.0625 32 \(A\): "
                      rf"ours {NUM} % \[target >= 99%\]\n    6 validation images of", out, re.M)
+    assert re.search(rf"^inference int8 VGG-16 width 0.0625 32 batch 2 \(quantize_int8, a flag\): ours {NUM} "
+                     rf"img/s, baseline {NUM} img/s, ratio {NUM}x \[target report\]\n    the default path", out, re.M)
+    assert re.search(rf"^top-1 agreement with float32, int8 \(quantize_int8\), trained VGG-11 width 0.0625 32: "
+                     rf"ours {NUM} %.*\n    6 validation images of .*calibrated on 2 training images", out, re.M)
     assert re.search(rf"^evaluation dense vs 100 crops, VGG-16 width 0.0625 32, Q=\{{32,48\}}: "
                      rf"ours {NUM} img/s, baseline {NUM} img/s, ratio {NUM}x \[target >= 5x\]", out, re.M)
     for setting in ("paper S=256, crop 224", "paper S=\\[256,512\\], 224", "reduced S=73, crop 64"):
@@ -42,7 +46,7 @@ def test_bench_quick_reports_every_item(tmp_path, capsys):
                          rf"baseline {NUM} MiB, ratio {NUM}x", out, re.M)
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["peaks"]) == {"float32", "bfloat16"}
-    assert len(report["results"]) == 10
+    assert len(report["results"]) == 12
     r = report["results"][0]
     assert r["ratio"] == r["ours"] / r["baseline"] and 0 < r["of_peak"]
 

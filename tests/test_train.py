@@ -14,22 +14,12 @@ from vggnet.cli import main
 from vggnet.data import Batch
 from vggnet.model import create_model
 from vggnet.runtime import make_runtime
-from vggnet.synthetic import SyntheticSpec, make_synthetic
 from vggnet.train import PlateauSchedule, init_from, make_settings, train, train_step
 from vggnet.transforms import ColorStats
 from vggnet.weights import load_model
 
 TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, epochs=1, workers=0,
             progress=False, stats_images=50)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """24 training and 6 validation images of 3 classes: 3 steps of 8 per epoch."""
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic(root, SyntheticSpec(seed=1, train_per_class=8, val_per_class=2, num_classes=3,
-                                       min_side=36, max_side=48), workers=1)
-    return root
 
 
 def settings(data, out, **kw):

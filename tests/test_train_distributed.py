@@ -10,21 +10,12 @@ import torch
 
 from vggnet.checkpoint import load_checkpoint
 from vggnet.distributed import FAULT_ENV
-from vggnet.synthetic import SyntheticSpec, make_synthetic
 from vggnet.train import make_settings, train
 
 # 24 training images, global batch 8: 3 steps an epoch; dropout 0 because masks are drawn per
 # process (augmentation is drawn per image, so it is the same for any number of processes)
 TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, dropout=0.0, workers=0,
             progress=False, stats_images=50, epochs=2, device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic(root, SyntheticSpec(seed=1, train_per_class=8, val_per_class=2, num_classes=3,
-                                       min_side=36, max_side=48), workers=1)
-    return root
 
 
 def _args(data, out, **kw):

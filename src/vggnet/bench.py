@@ -285,13 +285,25 @@ def find_demo_checkpoint(root: str | os.PathLike = "runs") -> str | None:
     return str(found[-1]) if found else None
 
 
+def _eval_batches(samples, q: int, crop: int, prep, device, batch_size: int = 64):
+    """(normalised centre crops at Q, labels) batches of (path, label) samples; files that
+    failed to decode are left out."""
+    from .data import EvalImages, make_loader
+    from .transforms import EvalTransform
+
+    for batch in make_loader(EvalImages(samples, EvalTransform(q, crop)), batch_size, workers=0):
+        keep = batch.labels >= 0  # -1: a file that failed to decode
+        yield prep.normalize(batch.images[keep].to(device)), batch.labels[keep]
+
+
 def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
-                    batch_size: int = 64) -> Result:
-    """Top-1 agreement of our inference path with float32 on a trained model (a training
-    checkpoint or weights file) over the validation split of its dataset: centre crops at the
-    test scale its training implies (Q = S), as the demo evaluates it."""
-    from .data import EvalImages, make_loader, open_dataset
-    from .transforms import EvalTransform, default_test_scale
+                    int8: bool = False, calibration_images: int = 256) -> list[Result]:
+    """Top-1 agreement with float32 on a trained model (a training checkpoint or weights file)
+    over the validation split of its dataset: centre crops at the test scale its training
+    implies (Q = S), as the demo evaluates it. Our default inference path, and with ``int8``
+    also ``quantize.quantize_int8`` calibrated on ``calibration_images`` training images."""
+    from .data import open_dataset
+    from .transforms import default_test_scale
     from .weights import load_model
 
     loaded = load_model(checkpoint)
@@ -302,28 +314,66 @@ def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
                          "give its folder with --data")
     cfg = loaded.model.config
     q = default_test_scale(settings["scale"]) if "scale" in settings else round(cfg.crop_size * 256 / 224)
-    samples = open_dataset(data).val.samples
-    loader = make_loader(EvalImages(samples, EvalTransform(q, cfg.crop_size)), batch_size, workers=0)
+    dataset = open_dataset(data)
     base = loaded.model.eval().to(rt.device)
     ours = rt.prepare_inference(copy.deepcopy(base))
-    preds, labels = {"ours": [], "float32": []}, []
-    for batch in loader:
-        keep = batch.labels >= 0  # -1: a file that failed to decode
-        x = loaded.preprocessing.normalize(batch.images[keep].to(rt.device))
+    if int8:
+        from .quantize import quantize_int8
+
+        step = max(1, len(dataset.train.samples) // calibration_images)
+        calib = dataset.train.samples[::step][:calibration_images]
+        int8_model = quantize_int8(base, (x.cpu() for x, _ in _eval_batches(
+            calib, q, cfg.crop_size, loaded.preprocessing, rt.device)))
+    preds, labels = {"float32": [], "ours": [], "int8": []}, []
+    for x, y in _eval_batches(dataset.val.samples, q, cfg.crop_size, loaded.preprocessing, rt.device):
         with torch.no_grad():
             preds["float32"].append(base(x).argmax(1).cpu())
+            if int8:
+                preds["int8"].append(int8_model(x.cpu()).argmax(1))
         with rt.inference():
             preds["ours"].append(ours(rt.input(x)).argmax(1).cpu())
-        labels.append(batch.labels[keep])
-    p = {k: torch.cat(v) for k, v in preds.items()}
+        labels.append(y)
+    p = {k: torch.cat(v) for k, v in preds.items() if v}
     y = torch.cat(labels)
     acc = {k: 100 * (v == y).float().mean().item() for k, v in p.items()}
-    agree = 100 * (p["ours"] == p["float32"]).float().mean().item()
-    return Result(f"top-1 agreement with float32, trained {_label(cfg)} ({cfg.name})", "%", agree,
-                  None, target=">= 99%",
-                  notes=[f"{len(y)} validation images of {data} (centre crop at Q={q}) through "
-                         f"{checkpoint}; top-1 accuracy ours {acc['ours']:.2f}%, "
-                         f"float32 {acc['float32']:.2f}%"])
+    where = f"{len(y)} validation images of {data} (centre crop at Q={q}) through {checkpoint}"
+    results = [Result(f"top-1 agreement with float32, trained {_label(cfg)} ({cfg.name})", "%",
+                      100 * (p["ours"] == p["float32"]).float().mean().item(), None, target=">= 99%",
+                      notes=[f"{where}; top-1 accuracy ours {acc['ours']:.2f}%, float32 {acc['float32']:.2f}%"])]
+    if int8:
+        results.append(Result(f"top-1 agreement with float32, int8 (quantize_int8), trained {_label(cfg)}",
+                              "%", 100 * (p["int8"] == p["float32"]).float().mean().item(), None,
+                              target="report (int8 is a flag, not a default)",
+                              notes=[f"{where}; calibrated on {len(calib)} training images; top-1 accuracy "
+                                     f"int8 {acc['int8']:.2f}%, float32 {acc['float32']:.2f}%"]))
+    return results
+
+
+def bench_int8(s: Settings, rt: Runtime, batch: int) -> Result:
+    """Images/s of ``quantize.quantize_int8`` (calibrated on random batches: the ranges do not
+    change the speed) against the float32 baseline, with our default path timed alongside."""
+    from .quantize import quantize_int8
+
+    cfg = _config(s)
+    base = build(cfg, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, cfg.crop_size, cfg.crop_size, generator=g)
+    int8 = quantize_int8(base, [torch.randn(batch, 3, cfg.crop_size, cfg.crop_size, generator=g)])
+    ours = rt.prepare_inference(copy.deepcopy(base))
+    xo = rt.input(x)
+
+    def run(model, inp, ctx=torch.no_grad):
+        def fn():
+            with ctx():
+                return model(inp)
+        return fn
+
+    t = interleaved({"int8": run(int8, x), "baseline": run(base, x), "ours": run(ours, xo, rt.inference)},
+                    s.repeats, torch.device("cpu"))
+    return Result(f"inference int8 {_label(cfg)} batch {batch} (quantize_int8, a flag)", "img/s",
+                  batch / t["int8"], batch / t["baseline"], target="report",
+                  notes=[f"the default path ({rt.describe()}) alongside: {batch / t['ours']:.3g} img/s, "
+                         f"so int8 is {t['ours'] / t['int8']:.2f}x it; its accuracy cost: the int8 agreement item"])
 
 
 # --- items 3 and 4: the input pipeline and dense evaluation, from their own scripts ------------
@@ -494,7 +544,7 @@ def _load() -> str:
         return "n/a"
 
 
-ITEMS = ("inference", "agreement", "training", "pipeline", "evaluation", "memory")
+ITEMS = ("inference", "agreement", "int8", "training", "pipeline", "evaluation", "memory")
 
 
 def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[str] = ITEMS,
@@ -538,10 +588,13 @@ def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[st
         if s.compile and not rt.compile:
             for b in s.inference_batches:
                 emit(bench_inference(s, dataclasses.replace(rt, compile=True), peak, b))
-    if "agreement" in items:
+    if "int8" in items and rt.device.type == "cpu":
+        emit(bench_int8(s, rt, max(s.inference_batches)))
+    if "agreement" in items or "int8" in items:
         trained = trained or find_demo_checkpoint()
         if trained:
-            emit(bench_agreement(rt, trained, data))
+            for r in bench_agreement(rt, trained, data, int8="int8" in items and rt.device.type == "cpu"):
+                emit(r)
         else:
             log("top-1 agreement with float32: skipped, no trained model (run `make demo`, or "
                 "give --trained CHECKPOINT [--data DIR])")
