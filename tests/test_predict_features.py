@@ -61,6 +61,23 @@ def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
         assert float(first.split()[1].rstrip("%")) > 50 > float(second.split()[1].rstrip("%"))
 
 
+def test_predict_int8_keeps_the_triggered_class(colour_net, tmp_path, capsys):
+    weights, images = colour_net
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, (c, rgb) in enumerate(COLOURS.items()):
+        for j in range(3):
+            _image(calib / f"{c}{j}.png", rgb, seed=10 + 3 * i + j)
+    (calib / "zz-broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")  # skipped, last in order
+    args = ["predict", *(str(images[c]) for c in COLOURS), "--weights", str(weights), "--top", "1"]
+    assert main(args + ["--int8", str(calib)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for i, colour in enumerate(COLOURS):
+        assert out[2 * i + 1].endswith(f"  {colour} [{i}]")
+    assert main(args + ["--int8", str(calib), "--dense"]) == 2
+    assert "int8 runs crop-sized input only" in capsys.readouterr().err
+
+
 def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
     weights, images = colour_net
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")

@@ -456,12 +456,15 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .features import list_images
     from .imagenet import describe
     from .predict import predict
 
     loaded, rt = _load(args)
+    calibration = list_images([args.int8]) if args.int8 else None
     failed = 0
-    for pred in predict(loaded, args.images, top=args.top, dense=args.dense, scales=args.scales, runtime=rt):
+    for pred in predict(loaded, args.images, top=args.top, dense=args.dense, scales=args.scales, runtime=rt,
+                        int8_calibration=calibration):
         if pred.error:
             failed += 1
             print(f"vggnet predict: error: {pred.error}", file=sys.stderr)
@@ -485,6 +488,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--scales", type=int, nargs="+", metavar="Q",
                    help="shorter side(s) the image is rescaled to: every Q with --dense, the first for "
                    "the centre crop (default: 256/224 of the crop size, i.e. 256 for 224)")
+    p.add_argument("--int8", metavar="DIR",
+                   help="run an int8 copy of the model, calibrated on up to 256 images under DIR "
+                   "(representative ones, e.g. training images): CPU, centre crop only; about 2x the "
+                   "bf16 speed, less exact (docs/benchmarks.md)")
     p.set_defaults(func=cmd_predict)
 
 

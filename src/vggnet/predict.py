@@ -8,6 +8,9 @@ dataset lives in evaluate.py):
 - dense: rescale the shorter side to each scale Q, run the net fully convolutionally on the
   whole image and on its mirror image, average the class score map over locations, then
   average the soft-max posteriors over flips and scales.
+With ``int8_calibration`` (centre crop only, CPU) an int8 copy of the model
+(``quantize.quantize_int8``), calibrated on those images, does the forward passes: faster,
+less exact (docs/benchmarks.md).
 Images are read with the evaluation transform of the data pipeline (``transforms.EvalTransform``).
 """
 
@@ -62,9 +65,34 @@ def top_k(probs: torch.Tensor, class_names: Sequence[str] | None, k: int) -> lis
             for pr, ir in zip(p, idx, strict=True)]
 
 
+def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike], transform: EvalTransform,
+               images: int = 256, batch_size: int = 32) -> torch.nn.Module:
+    """``quantize_int8`` of the loaded model, calibrated on centre crops of up to ``images``
+    evenly spaced files of ``calibration`` (unreadable ones are skipped)."""
+    from .quantize import quantize_int8
+
+    files = list(calibration)[:: max(1, len(calibration) // images)][:images]
+
+    def batches():
+        crops = []
+        for path in files:
+            try:
+                crops.append(chw(transform(path)))
+            except BadImageError:
+                continue
+            if len(crops) == batch_size:
+                yield loaded.preprocessing.normalize(torch.cat(crops))
+                crops = []
+        if crops:
+            yield loaded.preprocessing.normalize(torch.cat(crops))
+
+    return quantize_int8(loaded.model, batches())
+
+
 def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 5, dense: bool = False,
             scales: Sequence[int] | None = None, batch_size: int = 16,
-            runtime: Runtime | None = None) -> list[Prediction]:
+            runtime: Runtime | None = None,
+            int8_calibration: Sequence[str | os.PathLike] | None = None) -> list[Prediction]:
     """Top-k classes for each image file; an unreadable image gets an ``error``, not an exception."""
     crop = loaded.model.config.crop_size
     if top < 1:
@@ -72,9 +100,14 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
     scales = list(scales or [default_resize(crop)])
     if min(scales) < crop:
         raise ValueError(f"scales must be at least the crop size {crop}, got {scales}")
-    rt = runtime or make_runtime()
-    rt.prepare_inference(loaded.model)
     centre = EvalTransform(scales[0], crop)
+    rt = runtime or make_runtime()
+    if int8_calibration is not None:
+        if dense:
+            raise ValueError("int8 runs crop-sized input only: use the centre crop (no --dense) with --int8")
+        int8 = int8_model(loaded, int8_calibration, centre)  # before prepare_inference changes the model
+    else:
+        rt.prepare_inference(loaded.model)
     whole = [EvalTransform(q, None) for q in scales]
     paths = [str(p) for p in paths]
     results: list[Prediction] = []
@@ -93,7 +126,12 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
                 p = sum(posteriors(loaded, torch.cat([x, x.flip(-1)]), True, rt).mean(0) for x in xs)
                 pred.top = top_k((p / len(xs))[None], loaded.class_names, top)[0]
         elif decoded:
-            probs = posteriors(loaded, torch.cat([x for _, x in decoded]), False, rt)
+            pixels = torch.cat([x for _, x in decoded])
+            if int8_calibration is None:
+                probs = posteriors(loaded, pixels, False, rt)
+            else:
+                with torch.no_grad():
+                    probs = int8(loaded.preprocessing.normalize(pixels)).softmax(dim=1)
             for (pred, _), best in zip(decoded, top_k(probs, loaded.class_names, top), strict=True):
                 pred.top = best
     return results
