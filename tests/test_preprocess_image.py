@@ -3,6 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+import vggnet.image as image
+from imagefiles import bad_files, good_files, noise_image
 from vggnet import preprocess
 from vggnet.image import BadImageError, load_rgb, resize_shorter
 
@@ -61,8 +63,6 @@ def test_truncated_and_bomb(tmp_path, monkeypatch):
     p.write_bytes(p.read_bytes()[:200])
     with pytest.raises(BadImageError, match="t.jpg: cannot decode"):
         load_rgb(p)
-    import vggnet.image as image
-
     monkeypatch.setattr(image, "MAX_PIXELS", 100)
     with pytest.raises(BadImageError, match="decompression-bomb limit"):
         load_rgb(_save(tmp_path, "big.png", Image.new("RGB", (20, 20))))
@@ -71,3 +71,39 @@ def test_truncated_and_bomb(tmp_path, monkeypatch):
 def test_resize_shorter():
     assert resize_shorter(Image.new("RGB", (500, 375)), 256).size == (341, 256)
     assert resize_shorter(Image.new("RGB", (300, 600)), 256).size == (256, 512)
+
+
+def _pillow_decode(path, draft=None) -> np.ndarray:
+    """What Pillow alone makes of a JPEG (the reference for the simplejpeg fast path)."""
+    with Image.open(path) as im:
+        if draft:
+            im.draft("RGB", draft)
+        return np.asarray(im.convert("RGB"), np.int16)
+
+
+@pytest.mark.parametrize("mode,progressive", [("RGB", False), ("RGB", True), ("L", False)])
+def test_fast_jpeg_path_matches_pillow(tmp_path, mode, progressive):
+    p = _save(tmp_path, "x.jpg", noise_image(203, 150).convert(mode), quality=92, progressive=progressive)
+    for shorter, draft, r in ((150, None, 1), (70, (95, 70), 2), (36, (49, 36), 4)):
+        fast = image._decode_jpeg_fast(p, lambda w, h, d=draft: d)
+        assert fast is not None and fast.reduction == r and fast.full_size == (203, 150)
+        ref = _pillow_decode(p, draft)
+        assert fast.image.shape == ref.shape and fast.image.flags.writeable
+        # the same libjpeg-turbo algorithms (islow IDCT, fancy upsampling): equal up to rounding
+        assert np.abs(fast.image.astype(np.int16) - ref).max() <= 1, (shorter, r)
+        assert image.load_rgb_reduced(p, shorter).reduction == r
+
+
+def test_fast_jpeg_path_leaves_the_rest_to_pillow(tmp_path, monkeypatch):
+    good = good_files(tmp_path / "good")
+    for name in ("cmyk.jpg", "exif_rotated.jpg", "gray.png"):  # CMYK, EXIF orientation, not a JPEG
+        assert image._decode_jpeg_fast(good[name], lambda w, h: None) is None, name
+    for name, (path, reason) in bad_files(tmp_path / "bad").items():
+        if path.suffix == ".jpg" and path.stat().st_size:
+            assert image._decode_jpeg_fast(path, lambda w, h: None) is None, name
+        with pytest.raises(BadImageError, match=reason):  # Pillow's words, as before
+            load_rgb(path)
+    # without simplejpeg everything still decodes, through Pillow, to the same pixels
+    with_fast = np.asarray(load_rgb(good["rgb.jpg"]), np.int16)
+    monkeypatch.setattr(image, "simplejpeg", None)
+    assert np.abs(np.asarray(load_rgb(good["rgb.jpg"]), np.int16) - with_fast).max() <= 1

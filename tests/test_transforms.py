@@ -95,7 +95,7 @@ def test_reduced_jpeg_decoding_is_used_and_close(tmp_path):
     p = tmp_path / "big.jpg"
     render(SyntheticSpec(min_side=300, max_side=300), "train", 3)[0].resize((400, 300)).save(p, quality=90)
     d = load_rgb_reduced(p, 64)
-    assert d.reduction == 4 and d.image.size == (100, 75) and d.full_size == (400, 300)
+    assert d.reduction == 4 and d.image.shape == (75, 100, 3) and d.full_size == (400, 300)
     assert load_rgb_reduced(p, 151).reduction == 1  # 1/2 would give 150 < 151: full decode
     fast = np.asarray(crop_resized(d, 64, (0, 0, 85, 64)), np.float32)
     exact = np.asarray(resize_shorter(load_rgb(p), 64), np.float32)
@@ -108,7 +108,7 @@ def test_reduced_jpeg_decoding_is_used_and_close(tmp_path):
 def test_exif_rotated_jpeg_reduced_keeps_upright_size(tmp_path):
     p = good_files(tmp_path, w=160, h=64)["exif_rotated.jpg"]
     d = load_rgb_reduced(p, 16)
-    assert d.full_size == (160, 64) and d.reduction == 4 and d.image.size == (40, 16)
+    assert d.full_size == (160, 64) and d.reduction == 4 and d.image.shape == (16, 40, 3)
 
 
 def test_train_transform_scale_crop_flip(tmp_path):

@@ -69,12 +69,15 @@ def crop_resized(decoded: Decoded, shorter: int, box: tuple[int, int, int, int],
     x0, y0, x1, y1 = box
     # a JPEG decoded at 1/r: decoded pixel x covers full-resolution pixels [x*r, (x+1)*r), so
     # the image spans w / r decoded pixels (its last one may be partly padding: 375 -> 188)
-    ax, bx, kx, sx = _window(img.width, w / r, rw, x0, x1 - x0)
-    ay, by, ky, sy = _window(img.height, h / r, rh, y0, y1 - y0)
-    src = torch.from_numpy(np.array(img.crop((ax, ay, bx, by)))).permute(2, 0, 1)[None]
+    ax, bx, kx, sx = _window(img.shape[1], w / r, rw, x0, x1 - x0)
+    ay, by, ky, sy = _window(img.shape[0], h / r, rh, y0, y1 - y0)
+    src = torch.from_numpy(img[ay:by, ax:bx]).permute(2, 0, 1)[None]
     # (1, 3, h, w) channels_last uint8 -> (1, 3, ky + ch, kx + cw); the explicit scales keep
-    # the full image's sample spacing (output i at source a + (i + 0.5) * scale)
-    out = torch.ops.aten._upsample_bilinear2d_aa(src, [ky + y1 - y0, kx + x1 - x0], False, 1 / sy, 1 / sx)
+    # the full image's sample spacing (output i at source a + (i + 0.5) * scale). Written into
+    # a channels_last buffer: the kernel works in that layout, and returns planar NCHW
+    # otherwise (0.18 instead of 0.11 ms here, and a slow strided gather when batching)
+    out = torch.empty(1, 3, ky + y1 - y0, kx + x1 - x0, dtype=torch.uint8, memory_format=torch.channels_last)
+    torch.ops.aten._upsample_bilinear2d_aa.out(src, list(out.shape[2:]), False, 1 / sy, 1 / sx, out=out)
     out = out[0, :, ky:, kx:]
     return (out.flip(2) if flip else out).permute(1, 2, 0).numpy()
 
