@@ -122,35 +122,37 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _far_colour(rng: np.random.Generator, ref: np.ndarray, distance: float = 100.0) -> np.ndarray:
-    """A random colour at least ``distance`` away from ``ref`` (RGB, Euclidean), so that the
-    object stands out from the background around it (10 tries, then the farthest one)."""
+def _away_from(draw, ref: np.ndarray, distance: float) -> np.ndarray:
+    """The first of up to 10 colours from ``draw()`` at least ``distance`` from ``ref`` (RGB,
+    Euclidean), else the farthest of them."""
     best, best_d = None, -1.0
     for _ in range(10):
-        c = np.array(_colour(rng), np.float32)
+        c = draw()
         d = float(np.linalg.norm(c - ref))
         if d > best_d:
             best, best_d = c, d
         if d >= distance:
             break
     return best
+
+
+def _far_colour(rng: np.random.Generator, ref: np.ndarray, distance: float = 100.0) -> np.ndarray:
+    """A random colour at least ``distance`` away from ``ref``, so that the object stands out
+    from the background around it."""
+    return _away_from(lambda: np.array(_colour(rng), np.float32), ref, distance)
 
 
 def _class_colour(rng: np.random.Generator, label: int, classes: int, ref: np.ndarray,
                   distance: float = 100.0) -> np.ndarray:
     """A colour whose hue is the class's own (evenly spread around the wheel) plus broad noise
     (std 0.12 turns, so neighbouring classes overlap a lot), away from ``ref`` if it can be."""
-    best, best_d = None, -1.0
-    for _ in range(10):
+
+    def draw() -> np.ndarray:
         hue = (label / classes + rng.normal(0.0, 0.12)) % 1.0
-        c = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)),
-                     np.float32) * 255
-        d = float(np.linalg.norm(c - ref))
-        if d > best_d:
-            best, best_d = c, d
-        if d >= distance:
-            break
-    return best
+        return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)),
+                        np.float32) * 255
+
+    return _away_from(draw, ref, distance)
 
 
 def _texture(rng: np.random.Generator, w: int, h: int, ref: np.ndarray, label: int,
