@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace, out: dict)
     if rank == 0:
         params = sum(p.numel() for p in nets["no DDP"].parameters())
         out.update({"params": params, **{n: statistics.median(v) for n, v in times.items()}})
-    dist.destroy_process_group()
+    D.shutdown(drain=True)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,27 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo
     return info
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(drain: bool = False) -> None:
+    """Leave the process group; ``drain=True`` after a run every rank finished normally.
+
+    A gloo worker thread releases a finished collective's tensors after the caller has moved
+    on, and a tensor made in Python then needs the GIL to be freed. If the interpreter is
+    already finalizing by then, Python ends that thread and libstdc++ aborts the process
+    ("terminate called without an active exception", SIGABRT at exit) after a run that
+    succeeded; destroy_process_group does not join the threads. Draining is one last
+    all-reduce on a tensor held here, waited for with the GIL released until the thread that
+    ran it has let go of it, which also lets a thread still freeing an earlier collective
+    take the GIL. Every rank must drain (it is a collective), so a failing run skips it.
+    """
+    if not dist.is_initialized():
+        return
+    if drain and dist.get_backend() == "gloo":
+        t = torch.zeros(1)
+        dist.all_reduce(t)
+        deadline = time.monotonic() + 10.0
+        while t._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    dist.destroy_process_group()
 
 
 def split_batch(global_batch: int, world_size: int, max_micro_batch: int | None) -> tuple[int, int]:
