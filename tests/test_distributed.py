@@ -51,8 +51,7 @@ def _worker(rank, world, store, out, compression):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     info = D.DistInfo(rank, world, rank)
-    finished = False
-    try:
+    with D.leave_group_after():
         assert D.agree(rank == 1, False) == [True, False]
         assert D.all_reduce_sum(torch.tensor([float(rank + 1)])).item() == world * (world + 1) / 2
         assert D.broadcast_object({"r": rank}, info) == {"r": 0}
@@ -73,9 +72,6 @@ def _worker(rank, world, store, out, compression):
             opt.step()
         if rank == 0:
             torch.save(model.module.state_dict(), out)
-        finished = True
-    finally:
-        D.shutdown(drain=finished)
 
 
 @pytest.mark.parametrize("compression,tol", [("none", 1e-6), ("bf16", 2e-3), ("fp16", 1e-3)])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,17 @@ def shutdown(drain: bool = False) -> None:
         while t._use_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.001)
     dist.destroy_process_group()
+
+
+@contextmanager
+def leave_group_after() -> Iterator[None]:
+    """Leave the process group when the block ends: drained if it finished, at once if it raised."""
+    try:
+        yield
+    except BaseException:
+        shutdown()
+        raise
+    shutdown(drain=True)
 
 
 def split_batch(global_batch: int, world_size: int, max_micro_batch: int | None) -> tuple[int, int]:

@@ -558,14 +558,11 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
         raise
     history = list(ckpt["metrics"]) if ckpt else []
     log = RunLog(folder, enabled=info.is_main, history=history)
-    finished = False
-    try:
-        result = _run(s, ckpt, runtime, info, log, history, dataset, bad, micro, accum, on_step, t_start)
-        finished = True
-        return result
-    finally:
-        log.close()
-        distributed.shutdown(drain=finished)
+    with distributed.leave_group_after():
+        try:
+            return _run(s, ckpt, runtime, info, log, history, dataset, bad, micro, accum, on_step, t_start)
+        finally:
+            log.close()
 
 
 def _run(s: TrainSettings, ckpt: dict | None, runtime: Runtime, info: distributed.DistInfo, log: RunLog,
