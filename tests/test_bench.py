@@ -4,6 +4,8 @@ format. It times nothing that is asserted (speed is judged by running the suite 
 import json
 import re
 
+import pytest
+
 from vggnet.cli import main
 from vggnet.model import create_model
 from vggnet.preprocess import paper
@@ -13,6 +15,7 @@ from vggnet.weights import save_weights
 NUM = r"[0-9.e+]+"
 
 
+@pytest.mark.cpu_sensitive
 def test_bench_quick_reports_every_item(tmp_path, capsys):
     # a trained model for the agreement item: here an untrained tiny one with its dataset
     spec = SyntheticSpec(train_per_class=1, val_per_class=3, num_classes=2, min_side=36, max_side=40)

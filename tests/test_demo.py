@@ -1,7 +1,10 @@
+import pytest
+
 from vggnet.checkpoint import load_checkpoint
 from vggnet.cli import main
 
 
+@pytest.mark.cpu_sensitive
 def test_main_job_end_to_end_at_a_tiny_setting(tmp_path, capsys):
     args = ["demo", "--data-dir", str(tmp_path / "data"), "--train-per-class", "4", "--val-per-class", "2",
             "--classes", "3", "--epochs", "2", "--width", "0.0625", "--crop-size", "32", "--scale", "37",

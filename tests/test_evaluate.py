@@ -112,6 +112,7 @@ def test_size_buckets_bound_memory_and_emit_everything_once():
 
 
 # --- the protocol ---------------------------------------------------------------------------
+@pytest.mark.cpu_sensitive
 def test_dense_at_crop_size_equals_center_crop(tmp_path):
     samples = _images(tmp_path, [(40, 40), (64, 64), (33, 33), (100, 100)])
     m = load_model(_weights(tmp_path))

@@ -63,6 +63,7 @@ def test_logits_and_dense_shapes(name):
             assert m.forward_dense(torch.randn(1, 3, h, w)).shape == (1, 5, mh, mw)
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("name", ["A", "C", "E", "vgg13_bn"])
 def test_dense_equals_classifier_at_crop_size(name):
     m = tiny(name).eval()

@@ -48,6 +48,7 @@ def colour_net(tmp_path_factory):
     return d / "colours.safetensors", images
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("dense", [False, True])
 def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
     weights, images = colour_net
@@ -61,6 +62,7 @@ def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
         assert float(first.split()[1].rstrip("%")) > 50 > float(second.split()[1].rstrip("%"))
 
 
+@pytest.mark.cpu_sensitive
 def test_predict_int8_keeps_the_triggered_class(colour_net, tmp_path, capsys):
     weights, images = colour_net
     calib = tmp_path / "calib"
@@ -86,6 +88,7 @@ def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
     assert "broken.jpg" in captured.err and "blue [2]" in captured.out
 
 
+@pytest.mark.cpu_sensitive
 def test_feature_taps(colour_net, tmp_path):
     weights, images = colour_net
     out = tmp_path / "taps.safetensors"

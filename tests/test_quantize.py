@@ -4,6 +4,9 @@ import torch
 import vggnet
 from vggnet.quantize import quantize_int8
 
+# run a second time with oneDNN and ATen capped at AVX2 (Makefile: make test)
+pytestmark = pytest.mark.cpu_sensitive
+
 
 def _net(arch, bn):
     return vggnet.create_model(arch, num_classes=5, width=1 / 16, crop_size=32, batch_norm=bn, seed=0).eval()

@@ -4,6 +4,9 @@ import torch
 import vggnet
 from vggnet.runtime import make_runtime
 
+# run a second time with oneDNN and ATen capped at AVX2 (Makefile: make test)
+pytestmark = pytest.mark.cpu_sensitive
+
 
 def test_cpu_runtime_runs_a_model():
     rt = make_runtime("cpu", "bf16", channels_last=True)
@@ -84,3 +87,25 @@ def test_prepare_inference_fp32_keeps_weights():
         out = fast(rt.input(x))
     assert fast.features.conv1_1.weight.dtype == torch.float32
     torch.testing.assert_close(out, ref)
+
+
+AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@pytest.mark.skipif(not torch.cpu.get_capabilities().get("avx2") if hasattr(torch.cpu, "get_capabilities")
+                    else True, reason="the AVX2 cap needs an x86 CPU with AVX2")
+def test_avx2_cap_takes_effect_and_turns_native_bf16_off():
+    # what `make test`'s second pass relies on: with the cap, oneDNN runs AVX2 kernels
+    # (ONEDNN_VERBOSE names them), ATen dispatches AVX2, and bf16 is not the default
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from vggnet.runtime import cpu_has_native_bf16, make_runtime\n"
+            "c = torch.nn.Conv2d(64, 64, 3, padding=1); c(torch.randn(2, 64, 56, 56))  # big enough for oneDNN\n"
+            "print('ATEN', torch.backends.cpu.get_cpu_capability())\n"
+            "print('NATIVE', cpu_has_native_bf16(), make_runtime('cpu').precision)\n")
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, check=True, env={**os.environ, **AVX2_CAP, "ONEDNN_VERBOSE": "1"}).stdout
+    assert "isa:Intel AVX2" in out and "convolution,jit:avx2" in out
+    assert "ATEN AVX2" in out and "NATIVE False fp32" in out

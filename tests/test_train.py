@@ -38,6 +38,7 @@ def _batches(n, micro, seed=0):
     return [Batch(images[i:i + micro], labels[i:i + micro], alpha[i:i + micro], []) for i in range(0, n, micro)]
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gradient_accumulation_equals_the_large_batch(precision):
     runtime = make_runtime("cpu", precision)
@@ -115,6 +116,7 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(data, tmp_path
     assert train(resume=tmp_path / "run").epochs == 2
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("model", ["A", "A-LRN", "B", "C", "D", "E", "vgg11_bn"])
 def test_one_epoch_of_each_config(data, tmp_path, model):
     r = train(settings(data, tmp_path / model, model=model))

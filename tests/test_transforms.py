@@ -17,6 +17,7 @@ from vggnet.transforms import (
     crop_resized,
     default_test_scale,
     device_batch,
+    resample_aa,
 )
 
 
@@ -204,3 +205,23 @@ def test_compute_stats_of_two_colours(tmp_path):
     np.testing.assert_allclose(stats.eigval, [d @ d / 4, 0, 0], atol=1e-9)
     np.testing.assert_allclose(np.abs(np.array(stats.eigvec)[:, 0]), np.abs(d) / np.linalg.norm(d), atol=1e-9)
     assert ColorStats.from_dict(stats.to_dict()) == stats
+
+
+@pytest.mark.cpu_sensitive
+@pytest.mark.parametrize("shape,size,scale", [((40, 52), (17, 23), (2.3, 2.2)), ((30, 30), (41, 45), (0.7, 0.66)),
+                                              ((64, 48), (27, 20), (2.37, 2.37))])
+def test_resample_public_fallback_equals_the_private_op(shape, size, scale):
+    # the private out= kernel and the public F.interpolate path give the same bytes
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (1, *shape, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    fast, public = resample_aa(src, size, *scale), resample_aa(src, size, *scale, fast=False)
+    assert fast.shape == public.shape == (1, 3, *size)
+    assert torch.equal(fast, public)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resample_fallback_pads_a_short_window():
+    # an output one pixel longer than floor(in / scale): the edge is repeated, no error
+    src = torch.full((1, 3, 10, 10), 7, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = resample_aa(src, (5, 5), 2.2, 2.2, fast=False)
+    assert out.shape == (1, 3, 5, 5) and bool((out == 7).all())

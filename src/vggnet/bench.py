@@ -138,10 +138,28 @@ def matmul_candidates(dtype: torch.dtype, n: int, device: torch.device) -> dict[
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
     fns = {"torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
-        fns["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    if device.type == "cpu":
+        onednn = _onednn_matmul(a, b)
+        if onednn is not None:
+            fns["oneDNN"] = onednn
     return fns
+
+
+def _onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> Callable | None:
+    """oneDNN's prepacked matmul of a @ b, or None where this torch or CPU has none.
+
+    These are private ops: they may be missing from a build, and oneDNN refuses a dtype the
+    CPU cannot run (bf16 needs AVX-512 or avx_ne_convert: an AVX2-only CPU raises). The
+    matmul peak is then torch.mm's alone.
+    """
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, b.shape[0])
+        def fn():
+            return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        fn()
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    return fn
 
 
 @dataclass

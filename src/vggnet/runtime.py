@@ -20,6 +20,7 @@ The defaults and the measurements behind them are in docs/benchmarks.md:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +42,32 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first one with bf16 dot products
+_ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                             "AVX512_CORE_VNNI")
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16).
+    """True when oneDNN computes bf16 with the CPU's own dot-product instructions (x86
+    AVX512-BF16 or AMX-BF16), as opposed to emulating it or not at all.
 
     oneDNN also runs bf16 on plain AVX-512 by emulation (what torch's own
     ``_is_mkldnn_bf16_supported`` reports), but emulated bf16 convolutions are slower than
-    float32, so only native support makes bf16 the default.
+    float32, so only native support makes bf16 the default. The hardware flags are not enough:
+    ``ONEDNN_MAX_CPU_ISA`` can cap oneDNN below them (how CI runs the AVX2 path on an
+    AVX-512 machine), and then bf16 would be emulated or refused.
     """
     if not torch.backends.mkldnn.is_available():
         return False
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_CAPS_WITHOUT_BF16:
+        return False
+    try:  # respects the cap too (False under AVX2); a torch without the op keeps the flags' word
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 class MaxPool2x2(nn.Module):

@@ -76,10 +76,37 @@ def crop_resized(decoded: Decoded, shorter: int, box: tuple[int, int, int, int],
     # the full image's sample spacing (output i at source a + (i + 0.5) * scale). Written into
     # a channels_last buffer: the kernel works in that layout, and returns planar NCHW
     # otherwise (0.18 instead of 0.11 ms here, and a slow strided gather when batching)
-    out = torch.empty(1, 3, ky + y1 - y0, kx + x1 - x0, dtype=torch.uint8, memory_format=torch.channels_last)
-    torch.ops.aten._upsample_bilinear2d_aa.out(src, list(out.shape[2:]), False, 1 / sy, 1 / sx, out=out)
-    out = out[0, :, ky:, kx:]
+    out = resample_aa(src, (ky + y1 - y0, kx + x1 - x0), sy, sx)[0, :, ky:, kx:]
     return (out.flip(2) if flip else out).permute(1, 2, 0).numpy()
+
+
+# torch's uint8 antialiased bilinear kernel with an out= buffer: a private aten op (the public
+# F.interpolate calls the same kernel but returns planar NCHW here); guarded, with that fallback
+_AA_OUT = getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None), "out", None)
+
+
+def resample_aa(src: torch.Tensor, size: tuple[int, int], sy: float, sx: float,
+                fast: bool = True) -> torch.Tensor:
+    """(1, 3, h, w) uint8 channels_last -> (1, 3, *size): antialiased bilinear resampling with
+    output pixel i centred on source coordinate (i + 0.5) * scale (sy, sx source pixels per
+    output pixel), whatever the output size. ``fast=False`` takes the public path (the same
+    values, bit for bit; tested), which is also the fallback where the private op is missing
+    or refuses."""
+    if fast and _AA_OUT is not None:
+        out = torch.empty(1, 3, *size, dtype=torch.uint8, memory_format=torch.channels_last)
+        try:
+            _AA_OUT(src, list(size), False, 1 / sy, 1 / sx, out=out)
+            return out
+        except (RuntimeError, NotImplementedError):
+            pass
+    # F.interpolate's output size is floor(in / scale); where that falls short of ``size``
+    # (the window's far edge, by rounding), edge pixels are repeated to make room
+    short = (max(0, math.ceil(size[0] * sy) - src.shape[2]), max(0, math.ceil(size[1] * sx) - src.shape[3]))
+    if any(short):
+        src = torch.nn.functional.pad(src.float(), (0, short[1], 0, short[0]), mode="replicate").to(torch.uint8)
+    out = torch.nn.functional.interpolate(src, scale_factor=(1 / sy, 1 / sx), mode="bilinear", antialias=True,
+                                          align_corners=False, recompute_scale_factor=False)
+    return out[:, :, : size[0], : size[1]]
 
 
 @dataclass(frozen=True)
