@@ -1,6 +1,6 @@
 """Dense multi-scale evaluation vs the paper's 150-crop protocol, measured in one run.
 
-Both run through ``vggnet.evaluate.predict`` on the same images (ImageNet-like 500x375 and
+Both run through ``vggnet.evaluate.compute_posteriors`` on the same images (ImageNet-like 500x375 and
 375x500 JPEGs, written to a temporary folder) at the same test scales, with flips: dense runs
 the fully convolutional net once per scale and flip (6 passes per image); multi-crop runs
 5x5 crops x 2 flips x 3 scales = 150 crops per image. The two alternate ``--repeats`` times
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vggnet.evaluate import predict
+from vggnet.evaluate import compute_posteriors
 from vggnet.info import summarize
 from vggnet.model import create_model
 from vggnet.preprocess import paper
@@ -80,13 +80,13 @@ def measure(arch: str, width: float, crop: int, scales: list[int], images: int, 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), images)
         # warm-up: first calls pick kernels for each new shape
-        predict([loaded], paths[:1], [scales], ("dense", "multicrop"), batch_size=batch_size,
-                workers=0, runtime=rt)
+        compute_posteriors([loaded], paths[:1], [scales], ("dense", "multicrop"),
+                           batch_size=batch_size, workers=0, runtime=rt)
         rate = {"dense": 0.0, "multicrop": 0.0}
         for _ in range(repeats):
             for method in rate:
-                pred = predict([loaded], paths, [scales], (method,), batch_size=batch_size,
-                               workers=workers, runtime=rt)
+                pred = compute_posteriors([loaded], paths, [scales], (method,),
+                                          batch_size=batch_size, workers=workers, runtime=rt)
                 rate[method] = max(rate[method], len(pred.kept) / pred.seconds)
     # the arithmetic each protocol needs for a 500x375 image, for reference
     dense = sum(summarize(model.config, (q, round(q * 4 / 3)))["macs"] for q in scales) * 2

@@ -9,7 +9,9 @@ from PIL import Image
 import vggnet
 from vggnet import evaluate as ev
 from vggnet import preprocess
+from vggnet.protocol import default_test_scales
 from vggnet.runtime import make_runtime
+from vggnet.settings import EvalSettings
 from vggnet.weights import load_model, save_weights
 
 CPU = make_runtime("cpu", "fp32")
@@ -49,7 +51,7 @@ def _images(tmp_path, sizes, seed=0, fmt="png"):
 
 def _predict(models, paths, scales, passes, **kw):
     kw.setdefault("workers", 0)
-    return ev.predict(models, paths, [scales] * len(models), passes, runtime=CPU, **kw)
+    return ev.compute_posteriors(models, paths, [scales] * len(models), passes, runtime=CPU, **kw)
 
 
 # --- the pieces -----------------------------------------------------------------------------
@@ -69,14 +71,14 @@ def test_crop_grid_covers_corners_and_centre_inside_the_image():
 
 
 def test_default_scales_follow_the_paper():
-    assert ev.default_scales({"scale": [256, 256]}, 224) == (256,)
-    assert ev.default_scales({"scale": [256, 256]}, 224, multi_scale=True) == (224, 256, 288)
-    assert ev.default_scales({"scale": [384, 384]}, 224, multi_scale=True) == (352, 384, 416)
-    assert ev.default_scales({"scale": [256, 512]}, 224) == (384,)
-    assert ev.default_scales({"scale": [256, 512]}, 224, multi_scale=True) == (256, 384, 512)
+    assert default_test_scales({"scale": [256, 256]}, 224) == (256,)
+    assert default_test_scales({"scale": [256, 256]}, 224, multi_scale=True) == (224, 256, 288)
+    assert default_test_scales({"scale": [384, 384]}, 224, multi_scale=True) == (352, 384, 416)
+    assert default_test_scales({"scale": [256, 512]}, 224) == (384,)
+    assert default_test_scales({"scale": [256, 512]}, 224, multi_scale=True) == (256, 384, 512)
     # reduced preset: crop 64, S = 73 (256 * 64/224), step 32 * 64/224 = 9
-    assert ev.default_scales({"scale": [73, 73]}, 64, multi_scale=True) == (64, 73, 82)
-    assert ev.default_scales(None, 224) == (256,)  # imported weights: the usual 256 for 224
+    assert default_test_scales({"scale": [73, 73]}, 64, multi_scale=True) == (64, 73, 82)
+    assert default_test_scales(None, 224) == (256,)  # imported weights: the usual 256 for 224
 
 
 def test_topk_hand_computed_with_ties():
@@ -184,7 +186,7 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
     samples[1:1] = [(str(tmp_path / "empty.jpg"), 1), (str(tmp_path / "junk.jpg"), 2)]
     w = _weights(tmp_path)
-    rep = ev.evaluate([w], samples, CLASSES, ev.EvalSettings(method="center", scales=(32,), workers=0),
+    rep = ev.evaluate([w], samples, CLASSES, EvalSettings(method="center", scales=(32,), workers=0),
                       device="cpu", precision="fp32")
     assert rep.metrics["images"] == 3
     assert [(p.split("/")[-1], r) for p, r in rep.skipped] == [
@@ -195,7 +197,7 @@ def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
     samples = _images(tmp_path, [(40, 40), (50, 40), (40, 64), (44, 40), (40, 40), (40, 40), (70, 40)])
     wa, wb = _weights(tmp_path, "a", "A", 0), _weights(tmp_path, "b", "E", 1)
     rep = ev.evaluate([wa, wb], samples, CLASSES,
-                      ev.EvalSettings(method="dense+multicrop", scales=(32, 40), grid=3, workers=0),
+                      EvalSettings(method="dense+multicrop", scales=(32, 40), grid=3, workers=0),
                       device="cpu", precision="fp32")
     assert rep.metrics["images"] == 7 and len(rep.parts) == 4
     files = ev.write_report(rep, tmp_path / "out")
@@ -217,7 +219,7 @@ def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
     with pytest.raises(ValueError, match=r"dataset's classes differ .*only in the first: \['zebra'\].*only in the second: \['c6'\]"):
         ev.evaluate([wd], samples, CLASSES, device="cpu")
     with pytest.raises(ValueError, match="test scale 20 is smaller than the crop size 32"):
-        ev.evaluate([wa], samples, CLASSES, ev.EvalSettings(scales=(20, 40)), device="cpu")
+        ev.evaluate([wa], samples, CLASSES, EvalSettings(scales=(20, 40)), device="cpu")
 
 
 def test_cli_evaluates_a_dataset_and_reports_bad_files(tmp_path, capsys):

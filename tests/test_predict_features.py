@@ -53,7 +53,7 @@ def colour_net(tmp_path_factory):
 def test_predict_prints_the_triggered_class(colour_net, dense, capsys):
     weights, images = colour_net
     args = ["predict", *(str(images[c]) for c in COLOURS), "--weights", str(weights), "--top", "2"]
-    assert main(args + (["--dense", "--scales", "32", "48"] if dense else [])) == 0
+    assert main(args + (["--dense", "--scales", "32,48"] if dense else [])) == 0
     out = capsys.readouterr().out.splitlines()
     for i, colour in enumerate(COLOURS):
         assert out[3 * i].endswith(f"{colour}.png")
@@ -111,7 +111,7 @@ def test_transfer_descriptor_follows_appendix_b(colour_net, tmp_path):
     weights, images = colour_net
     out = tmp_path / "transfer.npz"
     assert main(["features", str(images["green"]), str(images["red"]), "--weights", str(weights),
-                 "--scales", "32", "40", "--out", str(out), "--precision", "fp32"]) == 0
+                 "--scales", "32,40", "--out", str(out), "--precision", "fp32"]) == 0
     got = np.load(out)["features"]
     assert got.shape == (2, 256)
     # by hand: fc6 as a 1x1 conv over pool5 (crop 32: pool5 is 1x1), fc7 1x1; ReLUs; mean over
@@ -137,7 +137,7 @@ def test_probe_separates_colours(colour_net, tmp_path, capsys):
             (tmp_path / split / colour).mkdir(parents=True)
             for i in range(n):
                 _image(tmp_path / split / colour / f"{i}.png", COLOURS[colour], seed=100 * j + 10 * i + n)
-    assert main(["probe", "--weights", str(weights), "--data", str(tmp_path), "--scales", "32", "40"]) == 0
+    assert main(["probe", "--weights", str(weights), "--data", str(tmp_path), "--scales", "32,40"]) == 0
     out = capsys.readouterr().out
     assert "2 classes, 8 train / 4 val images" in out
     assert "train accuracy 100.00%, val accuracy 100.00%" in out

@@ -14,7 +14,8 @@ from vggnet.cli import main
 from vggnet.data import Batch
 from vggnet.model import create_model
 from vggnet.runtime import make_runtime
-from vggnet.train import PlateauSchedule, init_from, make_settings, train, train_step
+from vggnet.settings import make_settings
+from vggnet.train import PlateauSchedule, init_from, sgd_step, train
 from vggnet.transforms import ColorStats
 from vggnet.weights import load_model
 
@@ -49,7 +50,7 @@ def test_gradient_accumulation_equals_the_large_batch(precision):
         model = create_model("A", num_classes=5, width=1 / 16, crop_size=32, dropout=0.0, seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         for step in range(2):
-            totals, skipped = train_step(model, opt, _batches(8, micro, seed=step), 8, runtime, prep, stats)
+            totals, skipped = sgd_step(model, opt, _batches(8, micro, seed=step), 8, runtime, prep, stats)
         assert totals[3].item() == 8 and torch.isfinite(totals).all() and not skipped
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moved = (weights[0] - torch.cat([p.flatten() for p in create_model(
@@ -214,7 +215,7 @@ def test_clear_errors_before_any_work(data, tmp_path, case, message):
 
 def test_cli_train_and_resume_rules(data, tmp_path, capsys):
     args = ["train", "--data", str(data), "--preset", "reduced", "--model", "A", "--width", "0.0625",
-            "--crop-size", "32", "--scale", "32", "40", "--batch-size", "8", "--epochs", "1",
+            "--crop-size", "32", "--scale", "32,40", "--batch-size", "8", "--epochs", "1",
             "--workers", "0", "--no-progress", "--stats-images", "20", "--out", str(tmp_path / "r")]
     assert main(args) == 0
     out = capsys.readouterr().out

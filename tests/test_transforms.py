@@ -7,6 +7,7 @@ from PIL import Image
 from imagefiles import good_files, noise_image
 from vggnet import preprocess
 from vggnet.image import load_rgb, load_rgb_reduced, resize_shorter, shorter_side_size
+from vggnet.protocol import default_test_scale
 from vggnet.synthetic import SyntheticSpec, render
 from vggnet.transforms import (
     ColorStats,
@@ -15,7 +16,6 @@ from vggnet.transforms import (
     color_shift,
     compute_stats,
     crop_resized,
-    default_test_scale,
     device_batch,
     resample_aa,
 )

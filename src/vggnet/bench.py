@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from .info import summarize
 from .model import VGGConfig, build
+from .protocol import PRESETS
 from .runtime import Runtime, cpu_has_native_bf16, make_runtime
-from .train import PRESETS
+from .settings import BenchSettings
 
 
 # --- results ------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class Settings:
     inference_batches: tuple[int, ...] = (1, 8)
     train_batch: int = 8
     train_steps: int = 5  # timed VGG-16 steps per candidate (also the loss curve compared)
-    # the reduced preset's net and batch (vggnet.train.PRESETS["reduced"])
+    # the reduced preset's net and batch (vggnet.protocol.PRESETS["reduced"])
     reduced_width: float = PRESETS["reduced"]["width"]
     reduced_crop: int = PRESETS["reduced"]["crop_size"]
     reduced_batch: int = PRESETS["reduced"]["batch_size"]
@@ -321,7 +322,7 @@ def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
     implies (Q = S), as the demo evaluates it. Our default inference path, and with ``int8``
     also ``quantize.quantize_int8`` calibrated on ``calibration_images`` training images."""
     from .data import open_dataset
-    from .transforms import default_test_scale
+    from .protocol import centre_crop_resize, default_test_scale
     from .weights import load_model
 
     loaded = load_model(checkpoint)
@@ -331,7 +332,7 @@ def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
         raise ValueError(f"{checkpoint!r} does not say which dataset it was trained on; "
                          "give its folder with --data")
     cfg = loaded.model.config
-    q = default_test_scale(settings["scale"]) if "scale" in settings else round(cfg.crop_size * 256 / 224)
+    q = default_test_scale(settings["scale"]) if "scale" in settings else centre_crop_resize(cfg.crop_size)
     dataset = open_dataset(data)
     base = loaded.model.eval().to(rt.device)
     ours = rt.prepare_inference(copy.deepcopy(base))
@@ -649,3 +650,20 @@ def format_result(r: Result) -> str:
     if r.target:
         line += f" [target {r.target}]"
     return "\n    ".join([line] + r.notes)
+
+
+def bench_command(b: BenchSettings) -> int:
+    """``vggnet bench``: the suite (or ``b.items``) at the device's sizes, or tiny (``quick``);
+    the results also as JSON with ``b.json``."""
+    rt = make_runtime(b.device)
+    s = Settings.quick() if b.quick else Settings.for_device(rt.device)
+    if b.repeats is not None:
+        s.repeats = b.repeats
+    s.compile = b.compile
+    if b.threads is not None:
+        torch.set_num_threads(b.threads)
+    report = run(s, rt, b.items.split(",") if b.items else ITEMS, trained=b.trained, data=b.data)
+    if b.json:
+        with open(b.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 0

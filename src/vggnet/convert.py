@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint
 from .imagenet import NUM_CLASSES, imagenet_wnids
 from .model import CFGS, VGGConfig, build, resolve_name
 from .preprocess import Preprocessing
+from .settings import ConvertSettings
 from .weights import LoadedModel, file_kind, load_model, load_state_checked, save_weights
 
 FORMATS = ("torchvision", "keras", "caffe", "vggnet")
@@ -344,3 +345,20 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, model: str | None =
     save_weights(out, loaded.model, loaded.preprocessing, loaded.class_names,
                  loaded.meta.get("provenance"))
     return loaded
+
+
+def convert_command(s: ConvertSettings) -> int:
+    """``vggnet convert``: import, write, and print what the file was found to be."""
+    from .imagenet import describe
+
+    loaded = convert(s.input, s.output, model=s.model, sha256=s.sha256, prototxt=s.prototxt)
+    c, p = loaded.model.config, loaded.preprocessing
+    prov = loaded.meta.get("provenance", {})
+    print(f"{s.input}: {prov.get('source_format', 'vggnet')} weights, sha256 "
+          f"{prov.get('sha256', '-')}")
+    print(f"  model: VGG {c.name}, width {c.width:g}, {c.num_classes} classes, crop {c.crop_size}")
+    print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, std {list(p.std)}")
+    names = loaded.class_names
+    print(f"  class names: {f'{len(names)} ({describe(names[0])}, ...)' if names else 'none'}")
+    print(f"wrote {s.output}")
+    return 0

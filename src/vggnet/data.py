@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from .image import BadImageError, load_rgb
+from .progress import progress_bar
+from .settings import CheckDataSettings, MakeDataSettings
 
 GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
 LOC_CSV = "LOC_val_solution.csv"
@@ -435,3 +437,29 @@ def make_loader(dataset, batch_size: int, workers: int, sampler=None, pin_memory
         # (which drives dropout and must replay exactly on resume)
         generator=torch.Generator().manual_seed(0))
 
+
+
+# --- the `vggnet data` commands ------------------------------------------------------------------
+def make_data_command(s: MakeDataSettings) -> int:
+    """``vggnet data make``: write the built-in dataset (or find it already there)."""
+    from .synthetic import is_made, make_synthetic
+
+    spec = s.dataset
+    cached = is_made(s.dir, spec) and not s.force
+    if not cached:
+        total = spec.count("train") + spec.count("val")
+        with progress_bar(total, "writing", enabled=s.progress) as bar:
+            make_synthetic(s.dir, spec, workers=s.workers, progress=bar.update, force=s.force)
+    print(f"{'already there (cached):' if cached else 'wrote'} {s.dir}: {spec.count('train')} "
+          f"train / {spec.count('val')} val JPEGs in {spec.num_classes} classes "
+          f"({', '.join(spec.classes)})")
+    return 0
+
+
+def check_data_command(s: CheckDataSettings) -> int:
+    """``vggnet data check``: list and scan a dataset; exit code 1 if any file is bad."""
+    d = open_dataset(s.dir, s.val_labels)  # layout errors first, before the scan
+    with progress_bar(len(d.train) + len(d.val), "scanning", enabled=s.progress) as bar:
+        report = check_dataset(d, workers=s.workers, progress=bar.update)
+    print(report.format())
+    return 1 if report.bad else 0

@@ -6,12 +6,10 @@ recipe, its evaluation on the validation split, and a run folder with everything
    preset: the paper's recipe (SGD, momentum 0.9, weight decay 5e-4, dropout 0.5, lr 1e-2
    with plateau drops, rescale to a fixed S, random crops, flips, PCA colour shift, mean-RGB
    subtraction) at crop 64, S=73, width 1/8, for 35 epochs at batch 64. Batch norm because a
-   few CPU minutes are a few thousand steps: measured on the built-in data, plain A sits at
-   chance for the first 6 epochs and is at 74% top-1 error after 30, A with batch norm is at
-   74% after 6. Batch 64 rather than the paper's 256 because 5,000 images make 19 steps an
-   epoch at 256: after 15 epochs vgg11_bn was at 54.5% top-1 error with batch 64 and 68.5% with
-   256, at the same images/s (with batch norm the smaller batch is stable; plain nets need 256,
-   see ``train.PRESETS``); after 40 epochs at 64 it was at 36.8%.
+   few CPU minutes are a few thousand steps, in which plain A barely leaves chance on this
+   data; batch 64 rather than 256 because 5,000 images are only 19 steps an epoch at 256
+   (with batch norm the smaller batch is stable; plain nets need 256, see
+   ``protocol.PRESETS``). The measurements behind both choices are in docs/training.md.
 3. Reload best.pt through the public loader and evaluate it (centre crop at Q=S).
 4. The run folder holds best.pt/last.pt, metrics (CSV, JSONL, TensorBoard), plots and report.md.
 """
@@ -19,24 +17,11 @@ recipe, its evaluation on the validation split, and a run folder with everything
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .synthetic import SyntheticSpec, is_made, make_synthetic
-
-
-@dataclass
-class DemoSettings:
-    data_dir: str = "data/shapes"
-    out: str | None = None  # default runs/demo-<date>
-    dataset: SyntheticSpec = field(default_factory=SyntheticSpec)
-    model: str = "vgg11_bn"
-    epochs: int = 35
-    batch_size: int = 64
-    precision: str | None = None  # None: bf16 where the CPU computes it natively, else auto
-    workers: int | None = None
-    progress: bool = True
-    overrides: dict = field(default_factory=dict)  # any other TrainSettings fields
+from .settings import DemoSettings, make_settings
+from .synthetic import is_made, make_synthetic
 
 
 @dataclass
@@ -68,9 +53,10 @@ def evaluate_checkpoint(path: Path, val_samples, workers: int) -> dict:
     """Top-1/top-5 error of a saved model on (path, label) samples: centre crop at the test
     scale its training settings imply (Q = S for a fixed S)."""
     from .data import EvalImages, make_loader
+    from .protocol import default_test_scale
     from .runtime import make_runtime
-    from .train import evaluate
-    from .transforms import EvalTransform, default_test_scale
+    from .train import validate
+    from .transforms import EvalTransform
     from .weights import load_model
 
     loaded = load_model(path)
@@ -78,12 +64,12 @@ def evaluate_checkpoint(path: Path, val_samples, workers: int) -> dict:
     runtime = make_runtime(precision=s.get("precision", "auto"))
     model = runtime.prepare(loaded.model)
     images = EvalImages(val_samples, EvalTransform(default_test_scale(s["scale"]), s["crop_size"]))
-    return evaluate(model, make_loader(images, 128, workers), runtime, loaded.preprocessing)
+    return validate(model, make_loader(images, 128, workers), runtime, loaded.preprocessing)
 
 
 def run_demo(d: DemoSettings) -> DemoResult:
     from .data import open_dataset
-    from .train import default_workers, make_settings, train
+    from .train import default_loader_workers, train
 
     t0 = time.perf_counter()
     cached = is_made(d.data_dir, d.dataset)
@@ -97,7 +83,8 @@ def run_demo(d: DemoSettings) -> DemoResult:
     out = d.out or str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = make_settings("reduced", data=d.data_dir, out=out, model=d.model, epochs=d.epochs,
                              batch_size=d.batch_size, workers=d.workers, progress=d.progress,
-                             precision=d.precision or demo_precision(), **d.overrides)
+                             precision=d.precision or demo_precision(), width=d.width,
+                             crop_size=d.crop_size, scale=d.scale)
     t1 = time.perf_counter()
     r = train(settings)
     train_s = time.perf_counter() - t1
@@ -105,7 +92,7 @@ def run_demo(d: DemoSettings) -> DemoResult:
         return DemoResult(r.folder, r.status, float("nan"), float("nan"), r.epochs,
                           time.perf_counter() - t0, data_s, train_s)
 
-    workers = d.workers if d.workers is not None else default_workers()
+    workers = d.workers if d.workers is not None else default_loader_workers()
     val = evaluate_checkpoint(r.folder / "best.pt", open_dataset(d.data_dir).val.samples, workers)
     total = time.perf_counter() - t0
     result = DemoResult(r.folder, r.status, val["top1_err"], val["top5_err"], r.epochs, total, data_s, train_s)
@@ -127,3 +114,8 @@ def run_demo(d: DemoSettings) -> DemoResult:
           f"{val['images']} validation images (chance {100 * chance:.0f}%)\nrun folder: {r.folder} "
           "(report.md, best.pt, metrics.csv, loss.png, error.png, lr.png, tensorboard/)")
     return result
+
+
+def demo_command(d: DemoSettings) -> int:
+    """``vggnet demo``: exit code 130 when interrupted (the run can be resumed)."""
+    return 130 if run_demo(d).status == "interrupted" else 0

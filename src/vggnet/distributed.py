@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .settings import GRAD_COMPRESSIONS
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -153,7 +155,7 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, bucket_cap_
     """
     if not info.enabled:
         return model
-    if compression not in ("none", "bf16", "fp16"):
+    if compression not in GRAD_COMPRESSIONS:
         raise ValueError(f"unknown gradient compression {compression!r}; choose none, bf16 or fp16")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -242,3 +244,31 @@ def torchrun_command(train_args: list[str], nproc: int, nnodes: str = "1", rdzv_
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "vggnet", "train", *train_args]
+
+
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # each takes a value
+
+
+def without_launch_options(argv: list[str]) -> list[str]:
+    """``vggnet train`` arguments minus the ones that only tell how to launch torchrun."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCH_OPTIONS:
+            skip = True
+        elif a.split("=")[0] not in LAUNCH_OPTIONS:
+            out.append(a)
+    return out
+
+
+def launch(train_args: list[str], nproc: int, nnodes: str = "1",
+           rdzv_endpoint: str | None = None, max_restarts: int = 0) -> int:
+    """Run ``vggnet train TRAIN_ARGS`` under torchrun in ``nproc`` processes per node (the
+    launch options themselves are dropped); returns torchrun's exit code."""
+    import subprocess
+
+    cmd = torchrun_command(without_launch_options(list(train_args)), nproc, nnodes,
+                           rdzv_endpoint, max_restarts)
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)

@@ -29,67 +29,12 @@ import numpy as np
 import torch
 
 from .image import BadImageError, load_rgb_reduced, shorter_side_size
+from .progress import progress_bar
+from .protocol import default_test_scales
 from .runtime import Runtime, make_runtime
-from .transforms import crop_resized, default_test_scale
+from .settings import EvalSettings, EvaluateCommand
+from .transforms import crop_resized
 from .weights import LoadedModel, load_model
-
-METHODS = ("center", "dense", "multicrop", "dense+multicrop")
-# the passes over the data each method needs; their posteriors are averaged
-PASSES = {"center": ("center",), "dense": ("dense",), "multicrop": ("multicrop",),
-          "dense+multicrop": ("dense", "multicrop")}
-PAPER_CROP = 224  # the paper's crop; its scale offsets (S +- 32) scale with the crop size
-PAPER_SCALE_STEP = 32
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    method: str = "dense"
-    scales: tuple[int, ...] | None = None  # None: from how each checkpoint was trained
-    multi_scale: bool = False  # with scales None: {S-32, S, S+32} or {Smin, mid, Smax}
-    flip: bool = True  # average each image (or crop) with its horizontal mirror
-    grid: int = 5  # multicrop: grid x grid crops per scale
-    batch_size: int = 32  # crop-sized inputs per forward pass; a whole rescaled image counts as
-    # (its pixels / crop pixels) inputs, so memory per pass is bounded whatever the image size
-    workers: int | None = None  # decoding processes; None: see default_workers, 0: in-process
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown evaluation method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.scales is not None:
-            bad = [q for q in self.scales if not isinstance(q, int) or q < 1]
-            if not self.scales or bad:
-                raise ValueError(f"test scales must be positive ints (the smaller image side), got {self.scales!r}")
-        if not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"grid must be a positive int (5 gives the paper's 5x5 crops), got {self.grid!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
-            raise ValueError(f"workers must be an int >= 0 (0 decodes in this process), got {self.workers!r}")
-
-    @property
-    def passes(self) -> tuple[str, ...]:
-        return PASSES[self.method]
-
-
-def default_scales(train_settings: dict | None, crop_size: int, multi_scale: bool = False) -> tuple[int, ...]:
-    """The paper's test scales for a net trained at ``train_settings["scale"]`` = [Smin, Smax].
-
-    Fixed S: Q = S, or {S-32, S, S+32}. Jittered S: Q = (Smin+Smax)/2, or {Smin, mid, Smax}.
-    The step 32 is for 224 crops and scales with the crop (9 for 64 crops). A file without
-    training settings (imported weights) gets the usual S = 256/224 of the crop.
-    """
-    if train_settings and train_settings.get("scale"):
-        smin, smax = (int(s) for s in train_settings["scale"])
-    else:
-        smin = smax = round(crop_size * 256 / PAPER_CROP)
-    if smin == smax:
-        step = max(1, round(PAPER_SCALE_STEP * crop_size / PAPER_CROP))
-        scales = (smin - step, smin, smin + step) if multi_scale else (smin,)
-    else:
-        mid = default_test_scale((smin, smax))
-        scales = (smin, mid, smax) if multi_scale else (mid,)
-    # S - 32 is the crop size itself in the paper; never go below it
-    return tuple(sorted({max(crop_size, q) for q in scales}))
 
 
 def crop_grid(height: int, width: int, crop: int, n: int) -> list[tuple[int, int]]:
@@ -183,7 +128,7 @@ def _identity(x):
     return x
 
 
-def default_workers(device: torch.device) -> int:
+def default_decode_workers(device: torch.device) -> int:
     """Decoding processes: on a GPU, up to 8 (the GPU waits on decoding otherwise); on the CPU
     none, since the model's threads already use every core and extra busy processes make
     them wait on each other (measured: 5x slower with one worker on 2 cores)."""
@@ -191,7 +136,7 @@ def default_workers(device: torch.device) -> int:
 
 
 @dataclass
-class Prediction:
+class Posteriors:
     """Posteriors (N_kept, C) per (model index, pass); rows follow ``kept`` (sample indices)."""
 
     posteriors: dict[tuple[int, str], torch.Tensor]
@@ -200,67 +145,90 @@ class Prediction:
     seconds: float
 
 
-def predict(models: Sequence[LoadedModel], paths: Sequence[str], scales: Sequence[Sequence[int]],
-            passes: Sequence[str], *, flip: bool = True, grid: int = 5, batch_size: int = 16,
-            workers: int | None = None, runtime: Runtime | None = None) -> Prediction:
+class PosteriorSums:
+    """Running sums of soft-max posteriors per (model index, pass) and image, and how many
+    views (flips, crops) each sum holds, so that their ratio is the mean posterior."""
+
+    def __init__(self, models: Sequence[LoadedModel], nets: Sequence, scales: Sequence[Sequence[int]],
+                 passes: Sequence[str], n: int, rt: Runtime, flip: bool, grid: int,
+                 budget: int) -> None:
+        self.models, self.nets, self.scales, self.passes = models, nets, scales, passes
+        self.rt, self.flip, self.grid, self.budget = rt, flip, grid, budget
+        classes = models[0].model.config.num_classes
+        self.acc = {(mi, p): torch.zeros(n, classes, device=rt.device)
+                    for mi in range(len(models)) for p in passes}
+        self.count = {key: torch.zeros(n, device=rt.device) for key in self.acc}
+
+    def add(self, batch: list) -> None:
+        """One batch of (image index, (H, W, 3) uint8) at one scale, through every model that
+        is evaluated at that scale."""
+        rt = self.rt
+        idx = torch.tensor([i for i, _ in batch], device=rt.device)
+        # (n, H, W, 3) stacked -> (n, 3, H, W), which is already channels_last in memory
+        x = torch.from_numpy(np.stack([im for _, im in batch])).permute(0, 3, 1, 2)
+        x = rt.input(x if rt.channels_last else x.contiguous())
+        q = min(x.shape[-2:])
+        for mi, (m, net) in enumerate(zip(self.models, self.nets, strict=True)):
+            if q not in self.scales[mi]:
+                continue
+            for p in self.passes:
+                probs, units = _posteriors(net, m, x, p, self.flip, self.grid, self.budget, rt)
+                self.acc[(mi, p)].index_add_(0, idx, probs)
+                self.count[(mi, p)].index_add_(0, idx, torch.full_like(idx, units,
+                                                                       dtype=torch.float32))
+
+    def means(self, kept: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+        """Mean posteriors (len(kept), C) on the CPU, rows in the order of ``kept``."""
+        rows = kept.to(self.rt.device)
+        return {key: (self.acc[key][rows] / self.count[key][rows].unsqueeze(1)).cpu()
+                for key in self.acc}
+
+
+def compute_posteriors(models: Sequence[LoadedModel], paths: Sequence[str],
+                       scales: Sequence[Sequence[int]], passes: Sequence[str], *,
+                       flip: bool = True, grid: int = 5, batch_size: int = 16,
+                       workers: int | None = None, runtime: Runtime | None = None,
+                       progress: bool = False) -> Posteriors:
     """Run every model over every image at its scales (``scales[m]``) for each pass.
 
     Images are decoded once for all models; unreadable ones are skipped and listed.
     ``batch_size``: crop-sized inputs per forward pass (see ``EvalSettings``).
     """
     rt = runtime or make_runtime()
-    workers = default_workers(rt.device) if workers is None else workers
+    workers = default_decode_workers(rt.device) if workers is None else workers
     nets = [rt.prepare_inference(m.model) for m in models]
     for m, qs in zip(models, scales, strict=True):
         crop = m.model.config.crop_size
         if min(qs) < crop:
             raise ValueError(f"test scale {min(qs)} is smaller than the crop size {crop} of a "
                              f"{m.model.config.name} net; use scales >= {crop}")
-    all_scales = sorted({q for qs in scales for q in qs})
-    n, classes = len(paths), models[0].model.config.num_classes
-    acc = {(mi, p): torch.zeros(n, classes, device=rt.device) for mi in range(len(models)) for p in passes}
-    count = {key: torch.zeros(n, device=rt.device) for key in acc}
     # pixels per batch and per forward pass: batch_size crops' worth (a Q=512 view of a 4:3
     # image counts as 7 crops of 224); at least one view per pass whatever its size
     budget = batch_size * max(m.model.config.crop_size for m in models) ** 2
+    sums = PosteriorSums(models, nets, scales, passes, len(paths), rt, flip, grid, budget)
     buckets = SizeBuckets(batch_size, budget)
     loader = torch.utils.data.DataLoader(
-        RescaledImages(paths, all_scales), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity)
-    skipped, seen = [], torch.zeros(n, dtype=torch.bool)
-
-    def run(batch: list) -> None:
-        idx = torch.tensor([i for i, _ in batch], device=rt.device)
-        # (n, H, W, 3) stacked -> (n, 3, H, W), which is already channels_last in memory
-        x = torch.from_numpy(np.stack([im for _, im in batch])).permute(0, 3, 1, 2)
-        x = rt.input(x if rt.channels_last else x.contiguous())
-        q = min(x.shape[-2:])
-        for mi, (m, net) in enumerate(zip(models, nets, strict=True)):
-            if q in scales[mi]:
-                for p in passes:
-                    probs, units = _posteriors(net, m, x, p, flip, grid, budget, rt)
-                    acc[(mi, p)].index_add_(0, idx, probs)
-                    count[(mi, p)].index_add_(0, idx, torch.full_like(idx, units, dtype=torch.float32))
-
+        RescaledImages(paths, sorted({q for qs in scales for q in qs})), batch_size=None,
+        shuffle=False, num_workers=workers, collate_fn=_identity)
+    skipped, seen = [], torch.zeros(len(paths), dtype=torch.bool)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(len(paths), "evaluating", enabled=progress) as bar:
         for i, item in loader:
+            bar.update(1)
             if isinstance(item, str):
                 skipped.append((str(paths[i]), item))
                 continue
             seen[i] = True
             for im in item:
                 for batch in buckets.add(i, im):
-                    run(batch)
+                    sums.add(batch)
         for batch in buckets.drain():
-            run(batch)
+            sums.add(batch)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
     seconds = time.perf_counter() - start
     kept = seen.nonzero().flatten()
-    out = {key: (acc[key][kept.to(rt.device)] / count[key][kept.to(rt.device)].unsqueeze(1)).cpu()
-           for key in acc}
-    return Prediction(out, kept.tolist(), skipped, seconds)
+    return Posteriors(sums.means(kept), kept.tolist(), skipped, seconds)
 
 
 def _posteriors(net, m: LoadedModel, x: torch.Tensor, method: str, flip: bool, grid: int,
@@ -376,7 +344,7 @@ class EvalReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
-    prediction: Prediction | None = None  # the posteriors behind the metrics (not written out)
+    posteriors: Posteriors | None = None  # behind the metrics (not written out)
     labels: torch.Tensor | None = None  # (N_kept,) true classes in the models' class order
 
     @property
@@ -392,16 +360,18 @@ class EvalReport:
                 "class_names": self.class_names, "confusion": self.metrics["confusion"]}
 
 
-def combine(prediction: Prediction, members: Sequence[int], passes: Sequence[str]) -> torch.Tensor:
+def combine(posteriors: Posteriors, members: Sequence[int], passes: Sequence[str]) -> torch.Tensor:
     """The final posteriors: the mean over passes (dense+multicrop) and over ensemble members."""
-    return torch.stack([prediction.posteriors[(m, p)] for m in members for p in passes]).mean(0)
+    return torch.stack([posteriors.posteriors[(m, p)] for m in members for p in passes]).mean(0)
 
 
 def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[str, int]],
-             class_names: Sequence[str], settings: EvalSettings = EvalSettings(), *,
-             device: str = "auto", precision: str = "auto", models: Sequence[LoadedModel] | None = None
-             ) -> EvalReport:
-    """Evaluate one checkpoint, or an ensemble of several, on (path, label) samples."""
+             class_names: Sequence[str], settings: EvalSettings | None = None, *,
+             device: str = "auto", precision: str = "auto",
+             models: Sequence[LoadedModel] | None = None, progress: bool = False) -> EvalReport:
+    """Evaluate one checkpoint, or an ensemble of several, on (path, label) samples, with the
+    protocol of ``settings`` (default: dense at the scale each was trained for, flips)."""
+    settings = settings or EvalSettings()
     names = [str(c) for c in checkpoints]
     if not names:
         raise ValueError("no checkpoint given; pass at least one checkpoint or weights file")
@@ -413,23 +383,36 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
     if settings.scales is not None:
         scales = [tuple(settings.scales)] * len(models)
     else:
-        scales = [default_scales(m.meta.get("train_settings"), m.model.config.crop_size,
-                                 settings.multi_scale) for m in models]
-    pred = predict(models, [p for p, _ in samples], scales, settings.passes, flip=settings.flip,
-                   grid=settings.grid, batch_size=settings.batch_size, workers=settings.workers,
-                   runtime=rt)
-    labels = torch.tensor([mapping[samples[i][1]] for i in pred.kept], dtype=torch.long)
+        scales = [default_test_scales(m.meta.get("train_settings"), m.model.config.crop_size,
+                                      settings.multi_scale) for m in models]
+    post = compute_posteriors(models, [p for p, _ in samples], scales, settings.passes,
+                              flip=settings.flip, grid=settings.grid,
+                              batch_size=settings.batch_size, workers=settings.workers,
+                              runtime=rt, progress=progress)
+    labels = torch.tensor([mapping[samples[i][1]] for i in post.kept], dtype=torch.long)
     members = range(len(models))
-    final = combine(pred, members, settings.passes) if pred.kept else torch.zeros(0, len(out_names))
+    final = (combine(post, members, settings.passes) if post.kept
+             else torch.zeros(0, len(out_names)))
     parts = {}
-    if pred.kept and (len(models) > 1 or len(settings.passes) > 1):
+    if post.kept and (len(models) > 1 or len(settings.passes) > 1):
         for mi in members:
             for p in settings.passes:
-                s = scores(pred.posteriors[(mi, p)], labels, out_names)
+                s = scores(post.posteriors[(mi, p)], labels, out_names)
                 parts[f"{names[mi]} / {p}"] = {k: s[k] for k in ("top1_err", "top5_err", "images")}
-    return EvalReport(names, settings.method, [list(q) for q in scales], settings.flip, settings.grid,
-                      out_names, scores(final, labels, out_names), parts, pred.skipped, pred.seconds,
-                      str(rt.device), pred, labels)
+    return EvalReport(names, settings.method, [list(q) for q in scales], settings.flip,
+                      settings.grid, out_names, scores(final, labels, out_names), parts,
+                      post.skipped, post.seconds, str(rt.device), post, labels)
+
+
+def evaluate_command(c: EvaluateCommand) -> int:
+    """``vggnet evaluate``: evaluate, print the report, write its files."""
+    samples, classes = list_eval_data(c.data, c.split, c.val_labels)
+    report = evaluate(c.checkpoints, samples, classes, c.protocol, device=c.device,
+                      precision=c.precision, progress=c.progress)
+    print(format_report(report))
+    files = write_report(report, c.out)
+    print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
+    return 0
 
 
 def list_eval_data(root: str | os.PathLike, split: str = "val", val_labels=None) -> tuple[list, list[str]]:

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from .model import VGG
+from .settings import EXPORT_FORMATS, ExportSettings
 from .weights import LoadedModel
-
-EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 class DenseVGG(nn.Module):
@@ -143,3 +142,14 @@ def export(loaded: LoadedModel, path: str | os.PathLike, fmt: str = "onnx", dens
             raise RuntimeError(f"exported {fmt} graph differs from PyTorch by {diff:.3g} on input "
                                f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is not usable")
     return ExportReport(path, diffs)
+
+
+def export_command(s: ExportSettings) -> int:
+    """``vggnet export``: export, then print the largest difference found on each check."""
+    from .weights import load_model
+
+    report = export(load_model(s.weights), s.out, fmt=s.format, dense=s.dense)
+    print(f"wrote {report.path} ({s.format}, {'dense' if s.dense else 'classifier'} graph)")
+    for shape, diff in report.max_abs_diff.items():
+        print(f"  checked on {shape}: max |{s.format} - PyTorch| = {diff:.2e}")
+    return 0

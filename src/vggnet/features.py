@@ -11,40 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .predict import chw
+from .image import list_images
+from .progress import progress_bar
+from .protocol import transfer_scales
 from .runtime import Runtime, make_runtime
-from .transforms import EvalTransform
-from .weights import LoadedModel
+from .settings import FeaturesSettings
+from .transforms import EvalTransform, chw
+from .weights import LoadedModel, load_model
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TRANSFER_LAYER = "relu7"  # FC7 after ReLU: the paper's 4096-d image descriptor
-
-
-def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files named directly, plus every image under named folders (sorted, recursive)."""
-    inputs, out = [Path(i) for i in inputs], []
-    for item in inputs:
-        if item.is_dir():
-            out += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif item.is_file():
-            out.append(item)
-        else:
-            raise FileNotFoundError(f"{str(item)!r} is neither an image file nor a folder")
-    if not out:
-        raise ValueError(f"no images found in {[str(i) for i in inputs]} (looked for "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-    return out
-
-
-def default_transfer_scales(crop_size: int) -> list[int]:
-    """The paper's Q = {256, 384, 512} for a 224 crop, scaled for other crop sizes."""
-    return [round(crop_size * q / 224) for q in (256, 384, 512)]
 
 
 @torch.no_grad()
@@ -74,7 +55,7 @@ def transfer_features(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
     rt = runtime or make_runtime()
     model = loaded.model.eval()
     rt.prepare_inference(model)
-    scales = list(scales or default_transfer_scales(model.config.crop_size))
+    scales = list(scales or transfer_scales(model.config.crop_size))
     if min(scales) < model.config.crop_size:
         raise ValueError(f"transfer scales must be at least the crop size {model.config.crop_size} "
                          f"(dense evaluation), got {scales}")
@@ -92,21 +73,25 @@ def transfer_features(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
     return torch.nn.functional.normalize(torch.stack(out), dim=1)
 
 
-def extract_files(loaded: LoadedModel, paths: Sequence[str | os.PathLike], layers: Sequence[str] | None = None,
-                  size: int | None = None, scales: Sequence[int] | None = None, batch_size: int = 16,
-                  runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
+def extract_files(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
+                  layers: Sequence[str] | None = None, size: int | None = None,
+                  scales: Sequence[int] | None = None, batch_size: int = 16,
+                  runtime: Runtime | None = None, progress: bool = False,
+                  desc: str = "features") -> dict[str, torch.Tensor]:
     """Taps for ``layers``, or (``layers`` None) the transfer descriptor under "features",
     ``batch_size`` images at a time. An unreadable image raises ``BadImageError`` naming it."""
     rt = runtime or make_runtime()
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        if layers:
-            got = layer_taps(loaded, chunk, layers, size=size, runtime=rt)
-        else:
-            got = {"features": transfer_features(loaded, chunk, scales=scales, runtime=rt)}
-        for k, v in got.items():
-            parts.setdefault(k, []).append(v)
+    with progress_bar(len(paths), desc, enabled=progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            if layers:
+                got = layer_taps(loaded, chunk, layers, size=size, runtime=rt)
+            else:
+                got = {"features": transfer_features(loaded, chunk, scales=scales, runtime=rt)}
+            for k, v in got.items():
+                parts.setdefault(k, []).append(v)
+            bar.update(len(chunk))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -121,3 +106,25 @@ def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"vggnet": json.dumps(meta)})
     return path
+
+
+def features_command(s: FeaturesSettings) -> int:
+    """``vggnet features``: extract, then save with what was extracted and how (the weights,
+    the image paths in row order, the layers and size, or the descriptor's scales)."""
+    loaded = load_model(s.weights)
+    rt = make_runtime(s.device, s.precision)
+    layers = [n.strip() for n in s.layers.split(",") if n.strip()] if s.layers else None
+    paths = list_images(s.inputs)
+    tensors = extract_files(loaded, paths, layers=layers, size=s.size, scales=s.scales,
+                            batch_size=s.batch_size, runtime=rt, progress=s.progress)
+    crop = loaded.model.config.crop_size
+    meta = {"weights": str(s.weights), "paths": [str(p) for p in paths]}
+    if layers:
+        meta |= {"layers": layers, "size": s.size or crop}
+    else:
+        meta |= {"transfer": TRANSFER_LAYER, "l2_normalised": True,
+                 "scales": list(s.scales or transfer_scales(crop))}
+    save_features(s.out, tensors, meta)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+    print(f"{len(paths)} images: {shapes} -> {s.out}")
+    return 0

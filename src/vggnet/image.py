@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -181,3 +182,23 @@ def resize_shorter(im: Image.Image, size: int) -> Image.Image:
     if min(im.size) == size:
         return im
     return im.resize(shorter_side_size(im.size, size), Image.BILINEAR, reducing_gap=None)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files named directly, plus every image under named folders (sorted, recursive)."""
+    inputs, out = [Path(i) for i in inputs], []
+    for item in inputs:
+        if item.is_dir():
+            out += sorted(p for p in item.rglob("*")
+                          if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise FileNotFoundError(f"{str(item)!r} is neither an image file nor a folder")
+    if not out:
+        raise ValueError(f"no images found in {[str(i) for i in inputs]} (looked for "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    return out

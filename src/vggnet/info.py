@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import CFGS, VGG, VGGConfig, build
+from .model import ARCHS, CFGS, VGG, VGGConfig, build, config_for
+from .settings import InfoSettings
 
 
 @dataclass
@@ -101,3 +102,26 @@ def format_table(config: VGGConfig, size: tuple[int, int] | None = None) -> str:
 
 def _weight_layers(config: VGGConfig) -> int:
     return sum(1 for t in CFGS[config.arch] if t not in ("M", "L")) + 3
+
+
+def format_summary(size: tuple[int, int] | None = None, **options) -> str:
+    """Table 2 of the paper, plus cost: every column's weight layers, parameters,
+    multiply-adds and activation memory at ``size`` (``options``: see ``model.config_for``)."""
+    lines = [f"{'config':<8} {'weight layers':>13} {'parameters':>14} {'mult-adds':>10} "
+             f"{'act. mem':>10}"]
+    for arch in ARCHS:
+        cfg = config_for(arch, **options)
+        s = summarize(cfg, size)
+        lines.append(f"{cfg.name:<8} {_weight_layers(cfg):>13} {s['params']:>14,} "
+                     f"{s['macs'] / 1e9:>9.2f}G {s['activation_bytes'] / 2**20:>8.1f}Mi")
+    return "\n".join(lines)
+
+
+def info_command(s: InfoSettings) -> int:
+    """``vggnet info``: one column's layer table, or (no model) the summary of all."""
+    size = tuple(s.size) if s.size else None
+    options = dict(num_classes=s.num_classes, batch_norm=s.batch_norm, width=s.width,
+                   crop_size=s.crop_size, in_channels=s.in_channels)
+    print(format_table(config_for(s.model, **options), size) if s.model
+          else format_summary(size, **options))
+    return 0

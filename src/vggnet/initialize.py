@@ -1,4 +1,7 @@
-"""Weight initialisation: the paper's N(0, 0.01), Glorot, and copying layers from trained nets."""
+"""Weight initialisation: the paper's N(0, 0.01), Glorot, and copying layers from trained nets.
+
+Works on any module whose layers carry the paper's names (``vggnet.model.VGG``); it does not
+import the model, which imports it."""
 
 from __future__ import annotations
 
@@ -9,9 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .model import VGG
-
-INIT_SCHEMES = ("paper", "glorot", "kaiming")
+from .protocol import INIT_SCHEMES
 
 # Section 3.1: deeper nets start from net A's first four conv layers and last three FC layers.
 # A's first four convs are conv1_1, conv2_1, conv3_1, conv3_2; in every deeper column the
@@ -77,7 +78,7 @@ def _layer_of(key: str) -> str:
 
 
 @torch.no_grad()
-def copy_matching_layers(model: VGG, state_dict: dict[str, torch.Tensor],
+def copy_matching_layers(model: nn.Module, state_dict: dict[str, torch.Tensor],
                          layers: tuple[str, ...] | None = None) -> CopyReport:
     """Copy every layer whose name and tensor shapes all match; report the rest.
 
@@ -109,15 +110,16 @@ def copy_matching_layers(model: VGG, state_dict: dict[str, torch.Tensor],
     return report
 
 
-def init_from_net_a(model: VGG, net_a: VGG | dict[str, torch.Tensor]) -> list[str]:
+def init_from_net_a(model: nn.Module, net_a: nn.Module | dict[str, torch.Tensor]) -> list[str]:
     """The paper's initialisation of a deeper net from a trained net A; returns copied layers.
 
     Copies conv1_1, conv2_1, conv3_1, conv3_2 (and their batch-norm layers, when both nets
     have them) and fc6, fc7, fc8; every other layer keeps its (random) initialisation.
     """
-    if isinstance(net_a, VGG):
-        if net_a.config.arch not in ("A", "A-LRN"):
-            raise ValueError(f"init_from_net_a needs a net of config A or A-LRN, got {net_a.config.arch!r}")
+    if isinstance(net_a, nn.Module):
+        arch = net_a.config.arch
+        if arch not in ("A", "A-LRN"):
+            raise ValueError(f"init_from_net_a needs a net of config A or A-LRN, got {arch!r}")
         state = net_a.state_dict()
     else:
         state = net_a

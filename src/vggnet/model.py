@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fields import known_fields
+from .initialize import init_weights
+
 # One column per configuration of Table 1. An int is a 3x3 conv of that width, (width, 1) a
 # 1x1 conv (config C), "L" AlexNet's local response normalisation, "M" a 2x2 max-pool.
 CFGS: dict[str, list] = {
@@ -134,18 +137,6 @@ class VGGConfig:
     @classmethod
     def from_dict(cls, d: dict) -> VGGConfig:
         return cls(**known_fields(cls, d, "model config keys"))
-
-
-def known_fields(cls, d: dict, what: str) -> dict:
-    """``d`` if every key is a field of dataclass ``cls``; else an error naming the strays.
-
-    Shared by every config read back from a file (model, preprocessing, training settings),
-    so a file from another version fails loudly instead of being half-applied."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown}; allowed: {sorted(fields)}")
-    return d
 
 
 def feature_layers(cfg: VGGConfig) -> Iterator[tuple[str, nn.Module]]:
@@ -293,24 +284,31 @@ class VGG(nn.Module):
         return {n: out[n] for n in layers}
 
 
+def config_for(name: str, *, num_classes: int = 1000, batch_norm: bool = False,
+               width: float = 1.0, crop_size: int = 224, dropout: float = 0.5,
+               in_channels: int = 3) -> VGGConfig:
+    """The config of a net named by paper column ("A".."E", "A-LRN") or alias ("vgg16",
+    "vgg16_bn"); a "_bn" name turns batch norm on."""
+    arch, bn = resolve_name(name)
+    return VGGConfig(arch=arch, num_classes=num_classes, batch_norm=batch_norm or bn,
+                     width=width, crop_size=crop_size, dropout=dropout, in_channels=in_channels)
+
+
 def create_model(name: str = "D", *, num_classes: int = 1000, batch_norm: bool = False,
                  width: float = 1.0, crop_size: int = 224, dropout: float = 0.5,
                  in_channels: int = 3, init: str | None = "glorot",
                  seed: int | None = None) -> VGG:
-    """Build a VGG net by paper column ("A".."E", "A-LRN") or alias ("vgg16", "vgg16_bn").
+    """Build a VGG net by name (see ``config_for``).
 
     ``init``: "glorot" (default; the authors' post-submission finding), "paper" (N(0, 0.01)),
     "kaiming" (torchvision's), or None to keep PyTorch's layer defaults.
     """
-    arch, bn = resolve_name(name)
-    cfg = VGGConfig(arch=arch, num_classes=num_classes, batch_norm=batch_norm or bn, width=width,
-                    crop_size=crop_size, dropout=dropout, in_channels=in_channels)
+    cfg = config_for(name, num_classes=num_classes, batch_norm=batch_norm, width=width,
+                     crop_size=crop_size, dropout=dropout, in_channels=in_channels)
     return build(cfg, init=init, seed=seed)
 
 
 def build(config: VGGConfig, init: str | None = "glorot", seed: int | None = None) -> VGG:
-    from .initialize import init_weights
-
     model = VGG(config)
     if init is not None:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

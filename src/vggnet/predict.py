@@ -3,8 +3,8 @@ the file, so the user never has to remember them.
 
 Two modes (Section 3.2 of the paper, kept simple; full dense + multi-crop evaluation over a
 dataset lives in evaluate.py):
-- centre crop (default): rescale the shorter side to ``resize`` (256 for a 224 crop), take the
-  central crop, one forward pass;
+- centre crop (default): rescale the shorter side to 256/224 of the crop
+  (``protocol.centre_crop_resize``), take the central crop, one forward pass;
 - dense: rescale the shorter side to each scale Q, run the net fully convolutionally on the
   whole image and on its mirror image, average the class score map over locations, then
   average the soft-max posteriors over flips and scales.
@@ -17,16 +17,18 @@ Images are read with the evaluation transform of the data pipeline (``transforms
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from .image import BadImageError
+from .image import BadImageError, list_images
+from .protocol import centre_crop_resize
 from .runtime import Runtime, make_runtime
-from .transforms import EvalTransform
-from .weights import LoadedModel
+from .settings import PredictSettings
+from .transforms import EvalTransform, chw
+from .weights import LoadedModel, load_model
 
 
 @dataclass
@@ -34,16 +36,6 @@ class Prediction:
     path: str
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (index, name, probability)
     error: str | None = None  # why the image could not be classified
-
-
-def default_resize(crop_size: int) -> int:
-    """The shorter side a centre crop is cut from: 256 for 224 (the paper's S = 256)."""
-    return round(crop_size * 256 / 224)
-
-
-def chw(a: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array (read-only from PIL) -> (1, 3, H, W) uint8 tensor (a copy)."""
-    return torch.tensor(a).permute(2, 0, 1)[None]
 
 
 @torch.no_grad()
@@ -97,7 +89,7 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
     crop = loaded.model.config.crop_size
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    scales = list(scales or [default_resize(crop)])
+    scales = list(scales or [centre_crop_resize(crop)])
     if min(scales) < crop:
         raise ValueError(f"scales must be at least the crop size {crop}, got {scales}")
     centre = EvalTransform(scales[0], crop)
@@ -135,3 +127,23 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
             for (pred, _), best in zip(decoded, top_k(probs, loaded.class_names, top), strict=True):
                 pred.top = best
     return results
+
+
+def predict_command(s: PredictSettings) -> int:
+    """``vggnet predict``: the top classes of each image on stdout; an image that cannot be
+    read is reported on stderr and the exit code is 1."""
+    from .imagenet import describe
+
+    loaded = load_model(s.weights)
+    calibration = list_images([s.int8]) if s.int8 else None
+    failed = 0
+    for pred in predict(loaded, s.images, top=s.top, dense=s.dense, scales=s.scales,
+                        runtime=make_runtime(s.device, s.precision), int8_calibration=calibration):
+        if pred.error:
+            failed += 1
+            print(f"vggnet predict: error: {pred.error}", file=sys.stderr)
+            continue
+        print(pred.path)
+        for rank, (index, name, prob) in enumerate(pred.top, 1):
+            print(f"  {rank}. {prob:7.2%}  {describe(name)} [{index}]")
+    return 1 if failed else 0

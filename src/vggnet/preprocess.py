@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import known_fields
+from .fields import known_fields
 
 
 @dataclass(frozen=True)

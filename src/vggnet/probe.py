@@ -17,7 +17,8 @@ from torch import nn
 from .data import open_dataset
 from .features import extract_files
 from .runtime import Runtime, make_runtime
-from .weights import LoadedModel
+from .settings import ProbeSettings
+from .weights import LoadedModel, load_model
 
 
 @dataclass
@@ -58,16 +59,31 @@ def _accuracy(clf: nn.Linear, mean, std, x: torch.Tensor, y: torch.Tensor) -> fl
 
 
 def run_probe(loaded: LoadedModel, data: str | os.PathLike, scales: Sequence[int] | None = None,
-              weight_decay: float = 1e-3, runtime: Runtime | None = None) -> ProbeResult:
+              weight_decay: float = 1e-3, runtime: Runtime | None = None,
+              progress: bool = False) -> ProbeResult:
     """Train on data/train/<class>/*, report accuracy on data/val/<class>/* (the dataset
     layouts and checks of ``data.open_dataset``)."""
     dataset = open_dataset(data)
     rt = runtime or make_runtime()
-    xtr = extract_files(loaded, dataset.train.paths, scales=scales, runtime=rt)["features"]
-    xva = extract_files(loaded, dataset.val.paths, scales=scales, runtime=rt)["features"]
-    train_y, val_y = [c for _, c in dataset.train.samples], [c for _, c in dataset.val.samples]
-    ytr, yva = torch.tensor(train_y), torch.tensor(val_y)
+    x = {split.name: extract_files(loaded, split.paths, scales=scales, runtime=rt,
+                                   progress=progress, desc=f"{split.name} descriptors")["features"]
+         for split in (dataset.train, dataset.val)}
+    y = {split.name: torch.tensor([c for _, c in split.samples])
+         for split in (dataset.train, dataset.val)}
     classes = dataset.class_names
-    clf, mean, std = fit_linear_probe(xtr, ytr, len(classes), weight_decay=weight_decay)
-    return ProbeResult(classes, _accuracy(clf, mean, std, xtr, ytr), _accuracy(clf, mean, std, xva, yva),
-                       len(ytr), len(yva), clf, mean, std)
+    clf, mean, std = fit_linear_probe(x["train"], y["train"], len(classes),
+                                      weight_decay=weight_decay)
+    return ProbeResult(classes, _accuracy(clf, mean, std, x["train"], y["train"]),
+                       _accuracy(clf, mean, std, x["val"], y["val"]), len(y["train"]),
+                       len(y["val"]), clf, mean, std)
+
+
+def probe_command(s: ProbeSettings) -> int:
+    """``vggnet probe``: fit and print the train and val accuracy."""
+    loaded = load_model(s.weights)
+    r = run_probe(loaded, s.data, scales=s.scales, weight_decay=s.weight_decay,
+                  runtime=make_runtime(s.device, s.precision), progress=s.progress)
+    print(f"linear probe on {s.data}: {len(r.classes)} classes, {r.n_train} train / {r.n_val} "
+          "val images")
+    print(f"  train accuracy {r.train_accuracy:.2%}, val accuracy {r.val_accuracy:.2%}")
+    return 0

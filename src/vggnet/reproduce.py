@@ -12,7 +12,6 @@ does the cells (and trainings) that have no file yet.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import PAPER_CROP
+from .checkpoint import atomic_write
+from .protocol import PAPER_CROP, TRAIN_SCALES, train_scale
+from .settings import StudySettings, make_settings
 
 # --- what the paper trained and measured ------------------------------------------------------
-TRAIN_SCALES = {"256": (256, 256), "384": (384, 384), "jit": (256, 512)}  # paper pixels
 ARCHS = ("A", "A-LRN", "B", "C", "D", "E")
 
 
@@ -299,79 +299,9 @@ def render(cells: Cells, *, title_lines: list[str], factor: float = 1.0) -> str:
 
 
 # --- running the study --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StudyPreset:
-    """How big a study is: the training preset (``train.PRESETS``) and what it changes."""
-
-    train_preset: str
-    epochs: int | None = None  # the S=256 stages (from scratch, or from A); None: the preset's
-    finetune_epochs: int | None = None  # the S=384 and jittered stages (initialised from a net)
-    batch_norm: bool = False  # batch norm after every conv (not in the paper)
-    batch_size: int | None = None  # global training batch; None: the training preset's
-    train_per_class: int = 0  # the built-in dataset, used when no --data is given
-    val_per_class: int = 0
-    eval_batch: int = 32  # crop-sized inputs per forward pass
-    threads: int | None = None  # torch CPU threads; None: torch's default
-
-
-STUDY_PRESETS = {
-    # the paper's protocol as it is: full nets, 224 crops, S=256/384/[256;512], ImageNet
-    "paper": StudyPreset("paper", eval_batch=128),
-    # the same chain and tables on the built-in dataset at 64-pixel crops, for 2 CPU cores
-    # One thread: these nets are so small that a second thread gains little, and on a shared
-    # 2-core machine two threads made training 7x slower (876 vs 123 images/s for A, measured).
-    # Batch norm: the plain nets need several times the epochs to leave chance on the built-in
-    # data (plain A is still at chance after 6 epochs, A with batch norm at 74% top-1 error),
-    # more than 2 CPU cores allow for 12 nets in well under an hour.
-    # Batch 64: 4,000 training images are 15 steps an epoch at 256; with batch norm the
-    # smaller batch trains stably and gets 4x the steps for the same images/s (see vggnet.demo).
-    "reduced": StudyPreset("reduced", epochs=16, finetune_epochs=6, batch_norm=True, batch_size=64,
-                           train_per_class=400, val_per_class=80, threads=1),
-}
-
-
-@dataclass
-class StudySettings:
-    preset: str = "reduced"
-    data: str | None = None  # None: the built-in dataset, written to OUT/data
-    out: str = "reproduce"
-    epochs: int | None = None  # overrides the preset's
-    finetune_epochs: int | None = None
-    train_per_class: int | None = None
-    val_per_class: int | None = None
-    width: float | None = None  # overrides the training preset's width
-    batch_size: int | None = None  # overrides the training preset's batch (small datasets)
-    threads: int | None = None  # overrides the preset's torch CPU threads
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None  # training loader processes
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.preset not in STUDY_PRESETS:
-            raise ValueError(f"unknown study preset {self.preset!r}; choose one of {sorted(STUDY_PRESETS)}")
-        if self.preset == "paper" and self.data is None:
-            raise ValueError("the paper preset trains on ImageNet: give --data DIR (train/ and val/)")
-
-    def resolved(self) -> StudyPreset:
-        p = STUDY_PRESETS[self.preset]
-        over = {k: getattr(self, k) for k in ("epochs", "finetune_epochs", "batch_size", "train_per_class",
-                                              "val_per_class", "threads") if getattr(self, k) is not None}
-        return dataclasses.replace(p, **over)
-
-
-def scaled_scale(key: str, crop: int) -> tuple[int, int]:
-    """A paper training scale in pixels for this crop: [256;512] -> [73;146] at crop 64."""
-    lo, hi = TRAIN_SCALES[key]
-    return round(lo * crop / PAPER_CROP), round(hi * crop / PAPER_CROP)
-
-
 def _write_json(path: Path, obj) -> None:
-    """Atomically: a crash leaves the old file or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Atomically, with fsync: a crash leaves the old file or none, never half of one."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def _file(cid: str) -> str:
@@ -393,8 +323,6 @@ class Study:
     OUT/cells/*.json (results), OUT/posteriors (what ensembles need), OUT/report.md."""
 
     def __init__(self, settings: StudySettings, log: Callable[[str], None] = print) -> None:
-        from .train import make_settings
-
         self.s, self.log = settings, log
         self.preset = settings.resolved()
         self.out = Path(settings.out)
@@ -426,7 +354,7 @@ class Study:
         return self.out / "nets" / net
 
     def train_net(self, job: NetJob) -> dict:
-        from .train import make_settings, train
+        from .train import train
 
         folder = self.net_folder(job.id)
         done = folder / "done.json"
@@ -441,7 +369,7 @@ class Study:
         else:
             settings = make_settings(
                 self.preset.train_preset, data=self.data, out=str(folder), model=job.arch,
-                width=self.s.width, batch_size=self.preset.batch_size, scale=scaled_scale(job.scale, self.crop),
+                width=self.s.width, batch_size=self.preset.batch_size, scale=train_scale(job.scale, self.crop),
                 init_from=str(self.net_folder(job.init_from)) if job.init_from else None,
                 lr=self.base.lr * job.lr_factor, batch_norm=self.preset.batch_norm or None, scan=False,
                 epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs, **runtime)
@@ -460,7 +388,8 @@ class Study:
     # --- evaluation ---
     def evaluate_job(self, job: EvalJob) -> None:
         from .checkpoint import atomic_save
-        from .evaluate import EvalSettings, evaluate
+        from .evaluate import evaluate
+        from .settings import EvalSettings
 
         cids = [f"{job.id}/{m}" for m in job.methods]
         if len(job.methods) == 2:
@@ -474,7 +403,7 @@ class Study:
         settings = EvalSettings(method=method, multi_scale=job.scales == "multi",
                                 batch_size=self.preset.eval_batch)
         r = evaluate([ckpt], self.dataset.val.samples, self.dataset.class_names, settings,
-                     device=self.s.device, precision=self.s.precision)
+                     device=self.s.device, precision=self.s.precision, progress=self.s.progress)
         common = {"scales": r.scales[0], "skipped": len(r.skipped), "checkpoint": str(ckpt)}
         if len(job.methods) == 2:
             for m in job.methods:
@@ -486,7 +415,7 @@ class Study:
                     {"cell": f"{job.id}/{method}", "top1_err": m["top1_err"], "top5_err": m["top5_err"],
                      "images": m["images"], "seconds": r.seconds, **common})
         if job.keep_posteriors:
-            pred = r.prediction
+            pred = r.posteriors
             atomic_save({"kept": torch.tensor(pred.kept), "labels": r.labels,
                          **{p: pred.posteriors[(0, p)] for p in job.methods}}, post)
         self.log(f"[{job.id}] {method}: top-1 {m['top1_err']:.2f}%, top-5 {m['top5_err']:.2f}% "
@@ -562,3 +491,12 @@ class Study:
         _write_json(self.out / "timing.json", {"training_s": train_s, "evaluation_s": eval_s,
                                                "invocation_s": time.perf_counter() - t0})
         return self.out / "report.md"
+
+
+def reproduce_command(s: StudySettings) -> int:
+    """``vggnet reproduce``: run (or resume) the study, print the findings' verdicts."""
+    report = Study(s).run()
+    for f in findings(load_cells(s.out)):
+        print(f"{f.verdict:>16}: {f.claim}")
+    print(f"wrote {report}")
+    return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .settings import PRECISIONS
 
 
 def pick_device(name: str = "auto") -> torch.device:

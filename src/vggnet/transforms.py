@@ -46,6 +46,11 @@ def _window(length: int, span: float, rescaled: int, start: int, size: int) -> t
     return a, b, k, scale
 
 
+def chw(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array (read-only from PIL) -> (1, 3, H, W) uint8 tensor (a copy)."""
+    return torch.tensor(a).permute(2, 0, 1)[None]
+
+
 def crop_resized(decoded: Decoded, shorter: int, box: tuple[int, int, int, int],
                  flip: bool = False) -> np.ndarray:
     """(y1 - y0, x1 - x0, 3) uint8: window ``box`` = (x0, y0, x1, y1) of the image rescaled
@@ -174,12 +179,6 @@ class EvalTransform:
             x0, y0 = int(round((rw - c) / 2)), int(round((rh - c) / 2))
             box = (x0, y0, x0 + c, y0 + c)
         return crop_resized(decoded, self.size, box)
-
-
-def default_test_scale(scale: Sequence[int]) -> int:
-    """The paper's single test scale: Q = S for fixed S, the middle of [Smin, Smax] otherwise
-    (Q = 384 for S in [256, 512])."""
-    return (int(scale[0]) + int(scale[1])) // 2
 
 
 # --- dataset statistics -----------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""What a training run writes, all through one object (rank 0 only): checkpoints, metrics
+(CSV, JSONL, TensorBoard), plots and text files such as the report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .checkpoint import atomic_save
+
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_top1_err", "val_loss",
+                  "val_top1_err", "val_top5_err", "images_per_s", "epoch_s", "bad_files",
+                  "skipped_steps", "event")
+
+
+class RunLog:
+    """The run folder: checkpoints, metrics (CSV, JSONL, TensorBoard), plots and the report.
+    Every write of a run goes through here; on ranks other than 0 every method does nothing."""
+
+    def __init__(self, folder: Path, enabled: bool = True,
+                 history: list[dict] | None = None) -> None:
+        self.folder, self.enabled = folder, enabled
+        self.tb = None
+        self.saved_at = time.perf_counter()  # when last.pt/best.pt were last written
+        if not enabled:
+            return
+        # metrics files are rewritten from the checkpoint's history, so a resumed run has
+        # exactly one row per finished epoch whatever happened after the last save
+        history = history or []
+        with open(folder / "metrics.csv", "w") as f:
+            f.write(",".join(METRIC_COLUMNS) + "\n")
+            f.writelines(self._csv_row(r) for r in history)
+        with open(folder / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(folder / "tensorboard"),
+                                purge_step=history[-1]["epoch"] + 1 if history else None)
+
+    @staticmethod
+    def _csv_row(row: dict) -> str:
+        return ",".join("" if row.get(c) is None else str(row[c]) for c in METRIC_COLUMNS) + "\n"
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def save(self, name: str, checkpoint: dict) -> None:
+        if self.enabled:
+            atomic_save(checkpoint, self.folder / name)
+        self.saved_at = time.perf_counter()  # every rank keeps the same clock
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            (self.folder / name).write_text(text)
+
+    def epoch(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.folder / "metrics.csv", "a") as f:
+            f.write(self._csv_row(row))
+        with open(self.folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key in ("lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
+                    "val_top5_err", "images_per_s"):
+            group = "train" if key.startswith("train") else "val" if key.startswith("val") else "run"
+            self.tb.add_scalar(f"{group}/{key.split('_', 1)[1] if group != 'run' else key}",
+                               row[key], row["epoch"])
+        self.tb.flush()
+
+    def plots(self, history: list[dict]) -> list[Path]:
+        if not self.enabled or not history:
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ep = [r["epoch"] for r in history]
+        out = []
+        for name, series, ylabel, log in (
+            ("loss", [("train", "train_loss"), ("val", "val_loss")], "cross-entropy loss", False),
+            ("error", [("train top-1", "train_top1_err"), ("val top-1", "val_top1_err"),
+                       ("val top-5", "val_top5_err")], "error (%)", False),
+            ("lr", [("learning rate", "lr")], "learning rate", True),
+        ):
+            fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+            for label, key in series:
+                scale = 100 if name == "error" else 1
+                ax.plot(ep, [r[key] * scale for r in history], marker="o", ms=3, label=label)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(self.folder / f"{name}.png")
+            plt.close(fig)
+            out.append(self.folder / f"{name}.png")
+        return out
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch's metrics on one line, as the run prints them."""
+    return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.0e}  train loss "
+            f"{row['train_loss']:.3f} top-1 err {100 * row['train_top1_err']:5.1f}%  |  val loss "
+            f"{row['val_loss']:.3f} top-1 err {100 * row['val_top1_err']:5.1f}% top-5 err "
+            f"{100 * row['val_top5_err']:5.1f}%  |  {row['images_per_s']:.0f} img/s, "
+            f"{row['epoch_s']:.0f} s  {row['event']}")

@@ -1,0 +1,520 @@
+"""What every command can be told: one frozen, validated dataclass per command or concern.
+
+Each field's metadata (``fields.option``) holds its help text and choices; ``vggnet.cli``
+generates every command-line option from these classes alone, so a setting is named,
+defaulted, documented and checked in one place. The library takes the same objects.
+A class's docstring is its command's ``--help`` description.
+
+Light on purpose (no torch, no numpy): ``vggnet --help`` and ``vggnet train --help`` read
+this module and nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .fields import known_fields, nested, option
+from .protocol import INIT_SCHEMES, METHODS, PASSES, PRESETS
+
+# the choices of the settings below, each defined here once
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
+EXPORT_FORMATS = ("onnx", "torchscript")
+# what a resumed run may change: how it executes, never what it computes (and how long it runs)
+RESUMABLE = ("workers", "progress", "device", "precision", "channels_last", "compile", "epochs",
+             "dist_timeout_s", "bucket_mb")
+MODEL_HELP = "A, A-LRN, B, C, D, E or vgg11, vgg13, vgg16, vgg19 (each also with _bn)"
+
+
+def device_option(default: str = "auto"):
+    return option(default, "auto (a GPU if there is one), cpu, cuda, cuda:N")
+
+
+def precision_option(default: str | None = "auto"):
+    return option(default, "auto: bf16 on GPUs and on CPUs with native bf16 (docs/benchmarks.md),"
+                  " else fp32; fp32 for full float32 numbers", choices=PRECISIONS)
+
+
+def progress_option():
+    return option(True, "progress bars with the time left, on stderr (--no-progress: none)")
+
+
+def weights_option():
+    return option(help="vggnet weights file or training checkpoint (import others with "
+                  "`vggnet convert`)")
+
+
+# --- training -----------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Everything that defines a run; stored in its checkpoints as "train_settings"."""
+
+    data: str = option("", "dataset folder with train/ and val/ (see `vggnet data check`)")
+    out: str | None = option(None, "run folder (default runs/MODEL-PRESET-DATE)")
+    preset: str = option("paper", cli=False)  # the command's --preset
+    val_labels: str | None = option(None, "labels file of a flat ImageNet val folder")
+    # model
+    model: str = option("A", MODEL_HELP, group="model")
+    batch_norm: bool = option(False, "batch norm after every conv", group="model")
+    width: float = option(1.0, "multiplies every conv and FC width", group="model")
+    crop_size: int = option(224, "training crop (224 in the paper)", group="model")
+    dropout: float = option(0.5, "dropout of fc6 and fc7", group="model")
+    init: str = option("glorot", "for layers not initialised from --init-from: glorot, paper "
+                       "(N(0, 0.01)) or kaiming (torchvision's)", choices=INIT_SCHEMES,
+                       group="model")
+    init_from: str | None = option(None, "stage chaining: net A into a deeper net (conv1_1, "
+                                   "conv2_1, conv3_1, conv3_2, fc6-8), otherwise every layer whose"
+                                   " name and shape match", metavar="RUN_OR_CHECKPOINT",
+                                   group="model")
+    # input
+    scale: tuple[int, ...] = option((256, 256), "training scale: S (fixed), or SMIN,SMAX "
+                                    "(jittered per image)", metavar="S[,SMAX]", group="input")
+    flip: bool = option(True, "random horizontal flips", group="input")
+    pca_std: float = option(0.1, "std of the PCA colour shift (0 turns it off)", group="input")
+    stats_images: int = option(10_000, "training images read for mean RGB and colour PCA",
+                               group="input")
+    # optimisation
+    batch_size: int = option(256, "global batch, over all processes and accumulation steps",
+                             group="optimisation")
+    micro_batch: int | None = option(None, "images per forward pass; the step accumulates "
+                                     "gradients exactly", group="optimisation")
+    lr: float = option(1e-2, "learning rate", group="optimisation")
+    momentum: float = option(0.9, "SGD momentum", group="optimisation")
+    weight_decay: float = option(5e-4, "L2 penalty", group="optimisation")
+    lr_factor: float = option(0.1, "lr multiplier at a plateau", group="optimisation")
+    lr_patience: int = option(2, "epochs without a better val top-1 before a drop",
+                              group="optimisation")
+    lr_drops: int = option(3, "drops allowed; the next plateau stops training",
+                           group="optimisation")
+    min_improvement: float = option(1e-4, "val top-1 error must fall by this much to count",
+                                    group="optimisation")
+    epochs: int = option(74, "at most this many epochs", group="optimisation")
+    seed: int = option(0, "data order, augmentation, initialisation and dropout",
+                       group="optimisation")
+    # runtime
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", group="runtime")
+    precision: str = option("auto", "auto: bf16 where the device computes it natively, else fp32",
+                            choices=PRECISIONS, group="runtime")
+    channels_last: bool | None = option(None, "channels_last memory format (default: on)",
+                                        group="runtime")
+    compile: bool = option(False, "torch.compile the model", group="runtime")
+    workers: int | None = option(None, "loader processes (default: cores - 1, at most 16)",
+                                 group="runtime")
+    skip_bad: bool = option(False, "train without the files that fail to decode (default: "
+                            "refuse to start)", group="runtime")
+    scan: bool = option(True, "decode-check every file before training (--no-scan: bad files"
+                        " are skipped as met)", group="runtime")
+    save_every_min: float = option(30.0, "also save last.pt mid-epoch this often",
+                                   group="runtime")
+    progress: bool = option(True, "progress bar with the time left (--no-progress: none)",
+                            group="runtime")
+    # data parallelism (torchrun / --nproc): see distributed.py
+    dist_timeout_s: float = option(600.0, "a collective waiting longer fails: a hung process "
+                                   "cannot stall the run", group="data parallel (torchrun)")
+    bucket_mb: float = option(25.0, "DDP gradient bucket size in MiB",
+                              group="data parallel (torchrun)")
+    grad_compression: str = option("none", "all-reduce gradients in half precision (halves the"
+                                   " traffic)", choices=GRAD_COMPRESSIONS,
+                                   group="data parallel (torchrun)")
+    sync_bn: bool = option(False, "SyncBatchNorm across GPUs for the _bn models",
+                           group="data parallel (torchrun)")
+    max_skips: int = option(3, "consecutive non-finite steps, skipped on every process, before"
+                            " the run halts", group="data parallel (torchrun)")
+
+    def __post_init__(self) -> None:
+        # the model's names are in model.py (torch); imported here, where settings are made,
+        # not for --help. model.py imports nothing from this module.
+        from .model import resolve_name
+
+        scale = tuple(int(s) for s in self.scale)
+        scale = scale * 2 if len(scale) == 1 else scale  # "S" is the fixed scale [S, S]
+        object.__setattr__(self, "scale", scale)
+        if len(scale) != 2 or not self.crop_size <= scale[0] <= scale[1]:
+            raise ValueError(f"scale must be [Smin, Smax] with crop_size ({self.crop_size}) <= "
+                             f"Smin <= Smax, got {list(scale)}; the paper uses 256, 384 or "
+                             "[256, 512] for crop 224")
+        resolve_name(self.model)
+        if self.grad_compression not in GRAD_COMPRESSIONS:
+            raise ValueError(f"grad_compression must be none, bf16 or fp16, got "
+                             f"{self.grad_compression!r}")
+        for name in ("batch_size", "epochs", "lr_patience", "max_skips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch!r}")
+        if not self.lr > 0 or not 0 < self.lr_factor < 1 or self.lr_drops < 0:
+            raise ValueError(f"need lr > 0, 0 < lr_factor < 1 and lr_drops >= 0; got lr={self.lr}"
+                             f", lr_factor={self.lr_factor}, lr_drops={self.lr_drops}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["scale"] = list(self.scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainSettings:
+        return cls(**known_fields(cls, d, "training settings"))
+
+
+def make_settings(preset: str = "paper", **overrides) -> TrainSettings:
+    """A preset's settings (``protocol.PRESETS``) with ``overrides`` (None values are ignored:
+    "not given")."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainSettings(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainCommand:
+    """Train with the paper's recipe (SGD momentum 0.9, weight decay 5e-4, dropout 0.5, batch
+    256, lr 1e-2 divided by 10 on validation plateaus, scale augmentation, flips, PCA colour
+    shift). Options not given come from --preset. Ctrl-C or SIGTERM finishes the step, saves
+    last.pt and says how to resume. Data parallel: `vggnet train --nproc N ...` runs torchrun
+    (or run `torchrun --nproc-per-node N -m vggnet train ...` yourself); --batch-size stays the
+    global batch."""
+
+    preset: str = option("paper", "paper: the defaults shown (224 crops, S=256, full width); "
+                         "reduced: the same ratios at 64 crops (S=73), width 1/8, at most 30 "
+                         "epochs, lr patience 5 (vggnet.protocol.PRESETS)",
+                         choices=tuple(PRESETS))
+    resume: str | None = option(None, "continue the run in this folder (or its last.pt) "
+                                "exactly", metavar="RUN")
+    given: dict = nested("vggnet.settings:TrainSettings", partial=True)  # options given
+    nproc: int | None = option(None, "processes (GPUs) per node; launches torchrun",
+                               group="data parallel (torchrun)")
+    nnodes: str = option("1", "nodes (or MIN:MAX), with --rdzv-endpoint",
+                         group="data parallel (torchrun)")
+    rdzv_endpoint: str | None = option(None, "rendezvous of a multi-node run",
+                                       metavar="HOST:PORT", group="data parallel (torchrun)")
+    max_restarts: int = option(0, "restarts of the group after a failed process; it resumes "
+                               "from last.pt", group="data parallel (torchrun)")
+    argv: tuple[str, ...] = option((), cli=False)  # the command's arguments, for torchrun
+
+
+# --- the main job and data ------------------------------------------------------------------------
+DATASET_HELP = {"seed": "dataset seed", "train_per_class": "training images per class",
+                "val_per_class": "validation images per class",
+                "num_classes": "number of classes (2-10)",
+                "min_side": "smallest shorter image side", "max_side": "largest shorter image side"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    """The main job: write the built-in synthetic dataset (reused when there), train vgg11_bn
+    (VGG A with batch norm) with the paper's recipe at reduced size (preset 'reduced'),
+    evaluate best.pt on the validation split and write a run folder with checkpoints,
+    metrics, plots and report.md."""
+
+    data_dir: str = option("data/shapes", "where the dataset goes")
+    out: str | None = option(None, "run folder (default runs/demo-DATE)")
+    dataset: object = nested("vggnet.synthetic:SyntheticSpec", rename={"num_classes": "classes"},
+                             help=DATASET_HELP,
+                             only=("seed", "train_per_class", "val_per_class", "num_classes"))
+    model: str = option("vgg11_bn", MODEL_HELP)
+    epochs: int = option(35, "epochs (see vggnet.demo for the recipe)")
+    batch_size: int = option(64, "global batch (see vggnet.demo)")
+    width: float | None = option(None, "override the reduced preset's width")
+    crop_size: int | None = option(None, "override the reduced preset's crop")
+    scale: tuple[int, ...] | None = option(None, "override the training scale: S or SMIN,SMAX",
+                                           metavar="S[,SMAX]")
+    precision: str | None = option(None, "default: bf16 on a CPU with native bf16, else the "
+                                   "runtime's choice", choices=PRECISIONS)
+    workers: int | None = option(None, "loader processes (default: cores - 1)")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MakeDataSettings:
+    """Write the built-in dataset: synthetic shapes on cluttered backgrounds, deterministic
+    from --seed, as DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg. A complete copy with
+    the same settings is reused."""
+
+    dir: str = option(positional=True, help="where the dataset goes")
+    dataset: object = nested("vggnet.synthetic:SyntheticSpec", rename={"num_classes": "classes"},
+                             help=DATASET_HELP)
+    workers: int | None = option(None, "processes (default: all cores)")
+    force: bool = option(False, "regenerate even if a copy is there")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckDataSettings:
+    """List a dataset (train/ and val/ class folders, or ImageNet layouts) and decode every
+    file inside a guard; print each bad file with its reason. Exit code 1 if any file is
+    bad."""
+
+    dir: str = option(positional=True, help="dataset folder")
+    val_labels: str | None = option(None, "labels of a flat val folder (LOC_val_solution.csv or "
+                                    "the devkit's ILSVRC2012_validation_ground_truth.txt next "
+                                    "to meta.mat)")
+    workers: int | None = option(None, "decoding threads")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoSettings:
+    """Print the layer table of a configuration (or a summary of all): output shapes,
+    parameters, multiply-adds and activation memory."""
+
+    model: str | None = option(None, f"{MODEL_HELP}; omit for all", positional="?")
+    size: tuple[int, ...] | None = option(None, "input size (default: the crop size); larger "
+                                          "sizes run the head densely", metavar="H,W")
+    num_classes: int = option(1000, "classifier outputs")
+    batch_norm: bool = option(False, "batch norm after every conv")
+    width: float = option(1.0, "multiplies every conv and FC width")
+    crop_size: int = option(224, "training crop (fc6 kernel = crop/32)")
+    in_channels: int = option(3, "input channels")
+
+    def __post_init__(self) -> None:
+        if self.size is not None and len(self.size) != 2:
+            raise ValueError(f"--size takes H,W (two integers), got {','.join(map(str, self.size))}")
+
+
+# --- evaluation and the study -----------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """The paper's test protocol (Section 3.2) for ``evaluate.evaluate``."""
+
+    method: str = option("dense", "center: one centre crop; dense: the fully convolutional net "
+                         "on the whole image; multicrop: a grid of crops; dense+multicrop: both,"
+                         " averaged", choices=METHODS)
+    scales: tuple[int, ...] | None = option(None, "test scales (smaller image side); default: "
+                                            "from training, as the paper", metavar="Q1,Q2,...")
+    multi_scale: bool = option(False, "default scales {S-32,S,S+32} (fixed S) or {Smin,mid,Smax}"
+                               " (jittered S) instead of one")
+    flip: bool = option(True, "average with horizontal flips (--no-flip: do not)")
+    grid: int = option(5, "multicrop: GRID x GRID crops per scale")
+    # a whole rescaled image counts as (its pixels / crop pixels) inputs, so memory per pass
+    # is bounded whatever the image size
+    batch_size: int = option(32, "crop-sized inputs per forward pass")
+    workers: int | None = option(None, "decoding processes (default: 0 on the CPU, up to 8 with "
+                                 "a GPU)")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown evaluation method {self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        if self.scales is not None:
+            bad = [q for q in self.scales if not isinstance(q, int) or q < 1]
+            if not self.scales or bad:
+                raise ValueError(f"test scales must be positive ints (the smaller image side), "
+                                 f"got {self.scales!r}")
+        if not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"grid must be a positive int (5 gives the paper's 5x5 crops), got "
+                             f"{self.grid!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ValueError(f"workers must be an int >= 0 (0 decodes in this process), got "
+                             f"{self.workers!r}")
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        return PASSES[self.method]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateCommand:
+    """Evaluate a checkpoint or weights file, or an ensemble of several (soft-max posteriors
+    averaged), with the paper's protocol: images rescaled to each test scale Q, dense or
+    multi-crop evaluation, horizontal flips."""
+
+    checkpoints: tuple[str, ...] = option(positional="+", metavar="CHECKPOINT",
+                                          help="checkpoints or weights files")
+    data: str = option(help="dataset folder: train/ and val/ (any layout `vggnet data check` "
+                       "reads), or one folder per class")
+    split: str = option("val", "the split of a train/ + val/ dataset", choices=("val", "train"))
+    val_labels: str | None = option(None, "labels of a flat ImageNet val folder")
+    protocol: EvalSettings = nested("vggnet.settings:EvalSettings")
+    device: str = device_option()
+    precision: str = precision_option()
+    out: str = option("evaluation", "folder for results.json, per_class.csv, confusion.png")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """How big a study is: the training preset (``protocol.PRESETS``) and what it changes."""
+
+    train_preset: str
+    epochs: int | None = None  # the S=256 stages (from scratch, or from A); None: the preset's
+    finetune_epochs: int | None = None  # the S=384 and jittered stages (initialised from a net)
+    batch_norm: bool = False  # batch norm after every conv (not in the paper)
+    batch_size: int | None = None  # global training batch; None: the training preset's
+    train_per_class: int = 0  # the built-in dataset, used when no --data is given
+    val_per_class: int = 0
+    eval_batch: int = 32  # crop-sized inputs per forward pass
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+
+STUDY_PRESETS = {
+    # the paper's protocol as it is: full nets, 224 crops, S=256/384/[256;512], ImageNet
+    "paper": StudyPreset("paper", eval_batch=128),
+    # the same chain and tables on the built-in dataset at 64-pixel crops, for 2 CPU cores
+    # One thread: these nets are so small that a second thread gains little, and on a shared
+    # 2-core machine two threads made training 7x slower (876 vs 123 images/s for A, measured).
+    # Batch norm: the plain nets need several times the epochs to leave chance on the built-in
+    # data (plain A is still at chance after 6 epochs, A with batch norm at 74% top-1 error),
+    # more than 2 CPU cores allow for 12 nets in well under an hour.
+    # Batch 64: 4,000 training images are 15 steps an epoch at 256; with batch norm the
+    # smaller batch trains stably and gets 4x the steps for the same images/s (see vggnet.demo).
+    "reduced": StudyPreset("reduced", epochs=16, finetune_epochs=6, batch_norm=True, batch_size=64,
+                           train_per_class=400, val_per_class=80, threads=1),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudySettings:
+    """Train what Tables 3-6 need (A, A-LRN, B, C, D, E at S=256; C, D, E at S=384 from their
+    S=256 nets and at S=[256;512] from their S=384 nets; B-E start from A), evaluate every
+    cell, and write OUT/report.md with each number beside the paper's and a verdict on each
+    finding. Rerunning resumes: finished trainings and cells are kept."""
+
+    preset: str = option("reduced", "reduced: 64-pixel crops on 2 CPU cores; paper: the full "
+                         "protocol", choices=tuple(STUDY_PRESETS))
+    data: str | None = option(None, "dataset with train/ and val/ (default: the built-in "
+                              "dataset, written to OUT/data; the paper preset needs ImageNet)")
+    out: str = option("reproduce", "study folder")
+    epochs: int | None = option(None, "epochs of each S=256 stage (default: the preset's)")
+    finetune_epochs: int | None = option(None, "epochs of each S=384 and jittered stage")
+    train_per_class: int | None = option(None, "built-in dataset: training images per class")
+    val_per_class: int | None = option(None, "built-in dataset: validation images per class")
+    width: float | None = option(None, "width multiplier of every net")
+    batch_size: int | None = option(None, "global batch of every training (default: the "
+                                    "preset's)")
+    threads: int | None = option(None, "torch CPU threads (default: the preset's)")
+    device: str = device_option()
+    precision: str = precision_option()
+    workers: int | None = option(None, "training loader processes")
+    progress: bool = progress_option()
+
+    def __post_init__(self) -> None:
+        if self.preset not in STUDY_PRESETS:
+            raise ValueError(f"unknown study preset {self.preset!r}; choose one of "
+                             f"{sorted(STUDY_PRESETS)}")
+        if self.preset == "paper" and self.data is None:
+            raise ValueError("the paper preset trains on ImageNet: give --data DIR (train/ and "
+                             "val/)")
+
+    def resolved(self) -> StudyPreset:
+        over = {k: getattr(self, k) for k in ("epochs", "finetune_epochs", "batch_size",
+                                              "train_per_class", "val_per_class", "threads")
+                if getattr(self, k) is not None}
+        return dataclasses.replace(STUDY_PRESETS[self.preset], **over)
+
+
+# --- weights in and out -------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class PredictSettings:
+    """Classify images with a weights file, applying its preprocessing and class names.
+    Default: centre crop of the image rescaled to 256/224 of the crop size; --dense: the fully
+    convolutional net on whole images at each scale, averaged with the mirror image (the
+    paper's dense evaluation)."""
+
+    images: tuple[str, ...] = option(positional="+", help="image files")
+    weights: str = weights_option()
+    device: str = device_option()
+    precision: str = precision_option()
+    top: int = option(5, "classes listed per image")
+    dense: bool = option(False, "dense evaluation instead of a centre crop")
+    scales: tuple[int, ...] | None = option(None, "shorter side(s) the image is rescaled to: "
+                                            "every Q with --dense, the first for the centre crop "
+                                            "(default: 256/224 of the crop size, i.e. 256 for "
+                                            "224)", metavar="Q1,Q2,...")
+    int8: str | None = option(None, "run an int8 copy of the model, calibrated on up to 256 "
+                              "images under DIR (representative ones, e.g. training images): "
+                              "CPU, centre crop only; about 2x the bf16 speed, less exact "
+                              "(docs/benchmarks.md)", metavar="DIR")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeaturesSettings:
+    """Save layer outputs (--layers relu1_2,relu2_2,... on centre crops) or, without --layers,
+    the paper's transfer descriptor (Appendix B): dense relu7 averaged over locations, flips
+    and scales, L2-normalised."""
+
+    inputs: tuple[str, ...] = option(positional="+", help="image files or folders (searched "
+                                     "recursively)")
+    weights: str = weights_option()
+    device: str = device_option()
+    precision: str = precision_option()
+    layers: str | None = option(None, "comma-separated layer names, e.g. "
+                                "relu1_2,relu2_2,relu3_3,relu4_3")
+    size: int | None = option(None, "crop size for --layers (default: the model's crop size)")
+    scales: tuple[int, ...] | None = option(None, "scales of the transfer descriptor (default: "
+                                            "256,384,512 for a 224 crop)", metavar="Q1,Q2,...")
+    batch_size: int = option(16, "images per batch")
+    out: str = option(help="output .safetensors or .npz")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeSettings:
+    """Train a linear classifier (L2-regularised logistic regression) on the transfer
+    descriptors of DIR/train/<class>/* and report its accuracy on DIR/val/<class>/*."""
+
+    weights: str = weights_option()
+    device: str = device_option()
+    precision: str = precision_option()
+    data: str = option(help="folder with train/<class>/ and val/<class>/")
+    scales: tuple[int, ...] | None = option(None, "scales of the transfer descriptor (default: "
+                                            "256,384,512 for a 224 crop)", metavar="Q1,Q2,...")
+    weight_decay: float = option(1e-3, "L2 penalty on the classifier")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertSettings:
+    """Convert a torchvision state dict (.pth), Keras VGG16/VGG19 weights (.h5, .weights.h5)
+    or the authors' Caffe release (.caffemodel) into vggnet's safetensors format, with its
+    preprocessing and class names. The format is detected from the file; the model column,
+    width, classes and crop from the shapes."""
+
+    input: str = option(positional=True, help="weights file to import")
+    output: str = option(positional=True, help="safetensors file to write")
+    model: str | None = option(None, "column to load into (e.g. D, vgg19, C); default: inferred")
+    sha256: str | None = option(None, "expected SHA-256 of the input (full, or a prefix of >= 8 "
+                                "hex digits)")
+    prototxt: str | None = option(None, "Caffe deploy .prototxt defining the net (optional)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSettings:
+    """Export the classifier (crop-size input, dynamic batch) or with --dense the fully
+    convolutional net (dynamic batch, height and width), then check it against PyTorch
+    (onnxruntime for ONNX)."""
+
+    weights: str = weights_option()
+    format: str = option("onnx", "graph format", choices=EXPORT_FORMATS)
+    dense: bool = option(False, "fully convolutional graph for any image size")
+    out: str = option(help="output file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchSettings:
+    """Time inference, training and memory with the default runtime against plain float32 NCHW
+    eager PyTorch, in the same run, with the machine's matmul peak. See docs/benchmarks.md."""
+
+    quick: bool = option(False, "tiny sizes: a smoke run of seconds")
+    items: str | None = option(None, "comma-separated subset of inference, agreement, int8, "
+                               "training, pipeline, evaluation, memory (default: all)")
+    repeats: int | None = option(None, "timed repetitions per candidate (median reported)")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    compile: bool = option(False, "also time inference through torch.compile (reports the "
+                           "compile time)")
+    threads: int | None = option(None, "torch threads (default: torch's, one per core)")
+    trained: str | None = option(None, "trained model for the top-1 agreement item (default: "
+                                 "the newest runs/demo-*/best.pt of `make demo`)",
+                                 metavar="CHECKPOINT")
+    data: str | None = option(None, "its dataset (default: the one it was trained on)",
+                              metavar="DIR")
+    json: str | None = option(None, "also write the results as JSON", metavar="PATH")
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "threads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} must be >= 1, got {v}")
