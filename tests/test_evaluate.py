@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -240,7 +241,9 @@ def test_cli_evaluates_a_dataset_and_reports_bad_files(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", str(ckpt), "--data", str(root), "--method", "multicrop", "--multi-scale",
                  "--grid", "3", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert re.search(r"evaluating: .*\d+/\d+ \[\d\d:\d\d<", captured.err)  # a bar with ETA
     assert "scales: 32,36,41" in text and f"({len(bad)} unreadable, skipped)" in text
     data = json.loads((out / "results.json").read_text())
     assert data["images"] == 6 + len(good) and data["scales"] == [[32, 36, 41]]

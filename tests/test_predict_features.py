@@ -2,6 +2,7 @@
 trigger known classes."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,9 @@ def test_probe_separates_colours(colour_net, tmp_path, capsys):
             for i in range(n):
                 _image(tmp_path / split / colour / f"{i}.png", COLOURS[colour], seed=100 * j + 10 * i + n)
     assert main(["probe", "--weights", str(weights), "--data", str(tmp_path), "--scales", "32,40"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    for split in ("train", "val"):  # a bar with ETA per split
+        assert re.search(rf"{split} descriptors: .*\d+/\d+ \[\d\d:\d\d<", captured.err), split
     assert "2 classes, 8 train / 4 val images" in out
     assert "train accuracy 100.00%, val accuracy 100.00%" in out

@@ -123,3 +123,16 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
         train_module.train = orig
     assert set(rp.load_cells(out)) == set(rp.PAPER)
     assert (out / "cells" / "B@256__single__dense.json").stat().st_mtime_ns == kept
+
+
+def test_study_files_are_written_atomically_with_fsync(tmp_path, monkeypatch):
+    import json
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    rp._write_json(tmp_path / "cells" / "x.json", {"cell": "x", "top1_err": 1.5})
+    assert json.loads((tmp_path / "cells" / "x.json").read_text()) == {"cell": "x", "top1_err": 1.5}
+    assert len(synced) >= 1  # the file (and its folder) reached the disk before the rename
+    assert [p.name for p in (tmp_path / "cells").iterdir()] == ["x.json"]  # no temporary left
