@@ -1,8 +1,8 @@
 """Dense multi-scale evaluation vs the paper's 150-crop protocol, measured in one run.
 
-Both run through ``vggnet.evaluate.compute_posteriors`` on the same images (ImageNet-like 500x375 and
-375x500 JPEGs, written to a temporary folder) at the same test scales, with flips: dense runs
-the fully convolutional net once per scale and flip (6 passes per image); multi-crop runs
+Both run through ``vggnet.evaluate.compute_posteriors`` on the same images (ImageNet-like
+500x375 and 375x500 JPEGs, written to a temporary folder) at the same test scales, with flips: dense
+runs the fully convolutional net once per scale and flip (6 passes per image); multi-crop runs
 5x5 crops x 2 flips x 3 scales = 150 crops per image. The two alternate ``--repeats`` times
 and each keeps its best run, so a burst of load on a shared machine does not decide the
 ratio. Prints images/s of each and the ratio.

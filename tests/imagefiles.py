@@ -13,7 +13,8 @@ from PIL import Image
 def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     """Smooth colour noise (compresses like a photo, unlike white noise)."""
     rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8))
+    small = Image.fromarray(rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3),
+                                         dtype=np.uint8))
     a = np.asarray(small.resize((w, h), Image.BICUBIC), np.float32) + rng.normal(0, 6, (h, w, 3))
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
@@ -81,5 +82,6 @@ def class_tree(root: Path, classes=("a", "b", "c"), per_class: int = 4, w: int =
     for ci, c in enumerate(classes):
         (root / split / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            noise_image(w + 4 * i, h, seed=100 * ci + i).save(root / split / c / f"{i}.jpg", quality=90)
+            image = noise_image(w + 4 * i, h, seed=100 * ci + i)
+            image.save(root / split / c / f"{i}.jpg", quality=90)
     return root

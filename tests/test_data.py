@@ -58,7 +58,8 @@ def test_flat_val_with_loc_csv(tmp_path):
     labels = ["n02", "n01", "n03", "n02"]
     _flat_val(tmp_path, labels)
     rows = [f"ILSVRC2012_val_{i:08d},{w} 1 2 30 20 {w} 3 4 10 10" for i, w in enumerate(labels, 1)]
-    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows[::-1]) + "\n")
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n"
+                                                   + "\n".join(rows[::-1]) + "\n")
     d = open_dataset(tmp_path)
     assert "LOC_val_solution.csv" in d.layout
     assert [c for _, c in d.val.samples] == [1, 0, 2, 1]  # sorted by file name
@@ -70,7 +71,8 @@ def test_flat_val_with_devkit_ground_truth(tmp_path):
     class_tree(tmp_path, ("n01", "n02", "n03"), per_class=1)
     # the devkit numbers classes in its own order, not by sorted wnid: ID 1 is n03 here
     synsets = np.zeros(4, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
-    for row, (i, w, kids) in enumerate([(1, "n03", 0), (2, "n01", 0), (3, "n02", 0), (4, "n00", 3)]):
+    rows = [(1, "n03", 0), (2, "n01", 0), (3, "n02", 0), (4, "n00", 3)]
+    for row, (i, w, kids) in enumerate(rows):
         synsets[row] = (i, w, kids)
     devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
     devkit.mkdir(parents=True)
@@ -127,7 +129,8 @@ def test_every_image_mode_trains_and_evaluates(tmp_path):
 def test_bad_file_mid_epoch_is_replaced_and_reported(tmp_path):
     good = good_files(tmp_path / "g")
     bad = bad_files(tmp_path / "b")
-    samples = [(str(good["rgb.jpg"]), 0), (str(bad["truncated.jpg"][0]), 1), (str(good["gray.png"]), 2)]
+    samples = [(str(good["rgb.jpg"]), 0), (str(bad["truncated.jpg"][0]), 1),
+               (str(good["gray.png"]), 2)]
     ds = TrainImages(samples, TrainTransform(scale=(32, 32), crop_size=32), seed=0)
     img, label, _, reported = ds[(0, 1)]
     assert label == 2 and img.shape == (32, 32, 3)  # the next file stands in
@@ -150,14 +153,16 @@ def test_epoch_sampler_same_global_batches_for_any_layout():
     assert len(one) == 48 and len({i for _, i in one}) == 48 and all(e == 2 for e, _ in one)
     two = [list(EpochSampler(50, 8, 3, 2, rank=r, world_size=2)) for r in range(2)]
     for step in range(6):  # each global batch is rank 0's share then rank 1's
-        assert one[8 * step:8 * step + 8] == two[0][4 * step:4 * step + 4] + two[1][4 * step:4 * step + 4]
+        shares = two[0][4 * step:4 * step + 4] + two[1][4 * step:4 * step + 4]
+        assert one[8 * step:8 * step + 8] == shares
     resumed = list(EpochSampler(50, 8, 3, 2, start_step=4))
     assert resumed == one[32:] and len(EpochSampler(50, 8, 3, 2, start_step=4)) == 16
     assert list(EpochSampler(50, 8, 3, 3)) != one
 
 
 def test_synthetic_is_deterministic_and_hard(tmp_path):
-    spec = SyntheticSpec(seed=5, train_per_class=2, val_per_class=1, num_classes=3, min_side=40, max_side=60)
+    spec = SyntheticSpec(seed=5, train_per_class=2, val_per_class=1, num_classes=3, min_side=40,
+                         max_side=60)
     a, la, qa = render(spec, "train", 4)
     b, lb, qb = render(spec, "train", 4)
     assert np.array_equal(np.asarray(a), np.asarray(b)) and (la, qa) == (lb, qb) and la == 1

@@ -6,16 +6,17 @@ from vggnet.cli import main
 
 @pytest.mark.cpu_sensitive
 def test_main_job_end_to_end_at_a_tiny_setting(tmp_path, capsys):
-    args = ["demo", "--data-dir", str(tmp_path / "data"), "--train-per-class", "4", "--val-per-class", "2",
-            "--classes", "3", "--epochs", "2", "--width", "0.0625", "--crop-size", "32", "--scale", "37",
-            "--batch-size", "6", "--workers", "0", "--no-progress"]
+    args = ["demo", "--data-dir", str(tmp_path / "data"), "--train-per-class", "4",
+            "--val-per-class", "2", "--classes", "3", "--epochs", "2", "--width", "0.0625",
+            "--crop-size", "32", "--scale", "37", "--batch-size", "6", "--workers", "0",
+            "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "run1")]) == 0
     out = capsys.readouterr().out
     assert "generating the built-in dataset" in out and "main job done in" in out
     assert "top-1 error" in out and "run folder:" in out
     run = tmp_path / "run1"
-    for name in ("best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png", "lr.png",
-                 "report.md"):
+    for name in ("best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png",
+                 "lr.png", "report.md"):
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
     assert "# Training report: VGG A" in report and "## Main job" in report

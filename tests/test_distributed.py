@@ -13,9 +13,11 @@ def test_split_batch():
     assert D.split_batch(256, 1, None) == (256, 1)
     assert D.split_batch(256, 4, 32) == (32, 2)
     assert D.split_batch(8, 2, 8) == (4, 1)
-    with pytest.raises(ValueError, match="global batch 10 must be a positive multiple of the 4 processes"):
+    with pytest.raises(ValueError,
+                       match="global batch 10 must be a positive multiple of the 4 processes"):
         D.split_batch(10, 4, None)
-    with pytest.raises(ValueError, match=r"micro-batch 48 does not divide the 64 .* use --micro-batch 32"):
+    with pytest.raises(ValueError,
+                       match=r"micro-batch 48 does not divide the 64 .* use --micro-batch 32"):
         D.split_batch(128, 2, 48)
 
 
@@ -40,7 +42,8 @@ def _steps(model, x, y, opt, info, micro):
     for _ in range(3):
         opt.zero_grad()
         for i in range(0, len(x), micro):
-            loss = torch.nn.functional.cross_entropy(model(x[i:i + micro]), y[i:i + micro], reduction="sum")
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + micro]), y[i:i + micro],
+                                                     reduction="sum")
             (loss / len(x)).backward()
         opt.step()
 
@@ -57,7 +60,8 @@ def _worker(rank, world, store, out, compression):
         assert D.broadcast_object({"r": rank}, info) == {"r": 0}
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
-        model = D.wrap_ddp(_tiny(), info, torch.device("cpu"), bucket_cap_mb=1, compression=compression)
+        model = D.wrap_ddp(_tiny(), info, torch.device("cpu"), bucket_cap_mb=1,
+                           compression=compression)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         micro, accum = D.split_batch(8, world, 2)
         mine = x[rank::world], y[rank::world]
@@ -67,7 +71,8 @@ def _worker(rank, world, store, out, compression):
                 sl = slice(i * micro, (i + 1) * micro)
                 ctx = model.no_sync() if i < accum - 1 else torch.enable_grad()
                 with ctx:
-                    loss = torch.nn.functional.cross_entropy(model(mine[0][sl]), mine[1][sl], reduction="sum")
+                    loss = torch.nn.functional.cross_entropy(model(mine[0][sl]), mine[1][sl],
+                                                             reduction="sum")
                     (loss / (micro * accum)).backward()
             opt.step()
         if rank == 0:
@@ -94,7 +99,8 @@ def test_fault_injection_spec(monkeypatch):
     with pytest.raises(ValueError, match="'RANK:STEP\\[-STEP\\]:ACTION'.*got '1:x:kill'"):
         D.injected_fault(D.DistInfo(1, 2), 3)
     monkeypatch.setenv(D.FAULT_ENV, "1:2-4:nan")
-    assert [D.injected_fault(D.DistInfo(1, 2), k) for k in range(1, 6)] == [None, "nan", "nan", "nan", None]
+    faults = [D.injected_fault(D.DistInfo(1, 2), k) for k in range(1, 6)]
+    assert faults == [None, "nan", "nan", "nan", None]
     assert D.injected_fault(D.DistInfo(0, 2), 3) is None  # other rank: nothing happens
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert D.injected_fault(D.DistInfo(1, 2), 3) is None  # restarted group: nothing happens

@@ -29,13 +29,14 @@ def _one_thread():
 
 
 def _net(arch="A", seed=0, classes=7, crop=32):
-    return vggnet.create_model(arch, num_classes=classes, width=0.0625, crop_size=crop, seed=seed).eval()
+    return vggnet.create_model(arch, num_classes=classes, width=0.0625, crop_size=crop,
+                               seed=seed).eval()
 
 
 def _weights(tmp_path, name="a", arch="A", seed=0, classes=CLASSES, crop=32):
     m = _net(arch, seed, len(classes), crop)
-    return save_weights(tmp_path / f"{name}.safetensors", m, preprocess.paper((120.0, 110.0, 100.0)),
-                        list(classes))
+    return save_weights(tmp_path / f"{name}.safetensors", m,
+                        preprocess.paper((120.0, 110.0, 100.0)), list(classes))
 
 
 def _images(tmp_path, sizes, seed=0, fmt="png"):
@@ -169,7 +170,8 @@ def test_ensemble_averages_posteriors_not_logits(tmp_path):
 
 
 def test_same_results_across_batch_sizes_and_workers(tmp_path):
-    sizes = [(40, 40), (60, 40), (40, 75), (60, 40), (50, 50), (90, 36), (40, 40), (45, 60), (60, 40)]
+    sizes = [(40, 40), (60, 40), (40, 75), (60, 40), (50, 50), (90, 36), (40, 40), (45, 60),
+             (60, 40)]
     samples = _images(tmp_path, sizes, fmt="jpg")
     paths = [p for p, _ in samples]
     m = load_model(_weights(tmp_path, arch="C"))
@@ -195,7 +197,8 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path):
 
 
 def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
-    samples = _images(tmp_path, [(40, 40), (50, 40), (40, 64), (44, 40), (40, 40), (40, 40), (70, 40)])
+    samples = _images(tmp_path, [(40, 40), (50, 40), (40, 64), (44, 40), (40, 40), (40, 40),
+                                 (70, 40)])
     wa, wb = _weights(tmp_path, "a", "A", 0), _weights(tmp_path, "b", "E", 1)
     rep = ev.evaluate([wa, wb], samples, CLASSES,
                       EvalSettings(method="dense+multicrop", scales=(32, 40), grid=3, workers=0),
@@ -212,12 +215,15 @@ def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
     assert "ensemble of 2" in text and "top-1 error" in text and "c6" in text
     # bad input: what differs is named
     wc = _weights(tmp_path, "c", classes=CLASSES[:6])
-    with pytest.raises(ValueError, match="disagree on the number of classes: .*a.safetensors has 7, .*c.safetensors has 6"):
+    with pytest.raises(ValueError, match="disagree on the number of classes: "
+                       ".*a.safetensors has 7, .*c.safetensors has 6"):
         ev.evaluate([wa, wc], samples, CLASSES, device="cpu")
     wd = _weights(tmp_path, "d", classes=CLASSES[:6] + ["zebra"])
-    with pytest.raises(ValueError, match=r"different class names.*only in the first: \['c6'\].*only in the second: \['zebra'\]"):
+    with pytest.raises(ValueError, match=r"different class names.*only in the first: "
+                       r"\['c6'\].*only in the second: \['zebra'\]"):
         ev.evaluate([wa, wd], samples, CLASSES, device="cpu")
-    with pytest.raises(ValueError, match=r"dataset's classes differ .*only in the first: \['zebra'\].*only in the second: \['c6'\]"):
+    with pytest.raises(ValueError, match=r"dataset's classes differ .*only in the first: "
+                       r"\['zebra'\].*only in the second: \['c6'\]"):
         ev.evaluate([wd], samples, CLASSES, device="cpu")
     with pytest.raises(ValueError, match="test scale 20 is smaller than the crop size 32"):
         ev.evaluate([wa], samples, CLASSES, EvalSettings(scales=(20, 40)), device="cpu")
@@ -235,12 +241,14 @@ def test_cli_evaluates_a_dataset_and_reports_bad_files(tmp_path, capsys):
     bad = bad_files(root / "val" / "b")
     m = _net("B", classes=3)
     ckpt = tmp_path / "run" / "last.pt"
-    atomic_save({"format": "vggnet.checkpoint/1", "model_config": m.config.to_dict(), "model": m.state_dict(),
+    atomic_save({"format": "vggnet.checkpoint/1", "model_config": m.config.to_dict(),
+                 "model": m.state_dict(),
                  "preprocessing": preprocess.paper((120.0, 110.0, 100.0)).to_dict(),
-                 "class_names": ["a", "b", "c"], "train_settings": {"scale": [36, 36], "crop_size": 32}}, ckpt)
+                 "class_names": ["a", "b", "c"],
+                 "train_settings": {"scale": [36, 36], "crop_size": 32}}, ckpt)
     out = tmp_path / "eval"
-    assert main(["evaluate", str(ckpt), "--data", str(root), "--method", "multicrop", "--multi-scale",
-                 "--grid", "3", "--out", str(out)]) == 0
+    assert main(["evaluate", str(ckpt), "--data", str(root), "--method", "multicrop",
+                 "--multi-scale", "--grid", "3", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     text = captured.out
     assert re.search(r"evaluating: .*\d+/\d+ \[\d\d:\d\d<", captured.err)  # a bar with ETA
@@ -256,4 +264,5 @@ def test_cli_evaluates_a_dataset_and_reports_bad_files(tmp_path, capsys):
                  "class_names": ["a", "b", "zebra"]}, tmp_path / "other.pt")
     assert main(["evaluate", str(tmp_path / "other.pt"), "--data", str(root)]) == 2
     err = capsys.readouterr().err
-    assert "vggnet evaluate: error: the dataset's classes differ" in err and "'zebra'" in err and "'c'" in err
+    assert "vggnet evaluate: error: the dataset's classes differ" in err
+    assert "'zebra'" in err and "'c'" in err

@@ -17,7 +17,8 @@ def test_paper_init_statistics():
     w = torch.cat([p.flatten() for p in _weights(m, (nn.Conv2d, nn.Linear))])
     assert abs(w.mean().item()) < 2e-4
     assert abs(w.std().item() - 0.01) < 2e-4
-    assert all((mod.bias == 0).all() for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
+    assert all((mod.bias == 0).all() for mod in m.modules()
+               if isinstance(mod, (nn.Conv2d, nn.Linear)))
 
 
 def test_glorot_init_statistics():
@@ -31,16 +32,19 @@ def test_glorot_init_statistics():
 
 
 def test_kaiming_and_batchnorm_init():
-    m = vggnet.create_model("vgg11_bn", num_classes=10, width=0.25, crop_size=64, init="kaiming", seed=0)
+    m = vggnet.create_model("vgg11_bn", num_classes=10, width=0.25, crop_size=64, init="kaiming",
+                            seed=0)
     conv = m.features.conv3_2.weight
-    assert abs(conv.std().item() - math.sqrt(2 / (conv.shape[0] * 9))) < 0.05 * math.sqrt(2 / (conv.shape[0] * 9))
+    he = math.sqrt(2 / (conv.shape[0] * 9))
+    assert abs(conv.std().item() - he) < 0.05 * he
     assert (m.features.bn1_1.weight == 1).all() and (m.features.bn1_1.bias == 0).all()
     with pytest.raises(ValueError, match=r"unknown init scheme 'xavier'.*glorot"):
         vggnet.init_weights(m, "xavier")
 
 
 def _small(name, seed):
-    return vggnet.create_model(name, num_classes=10, width=0.125, crop_size=64, init="paper", seed=seed)
+    return vggnet.create_model(name, num_classes=10, width=0.125, crop_size=64, init="paper",
+                               seed=seed)
 
 
 @pytest.mark.parametrize("deeper", ["B", "C", "D", "E"])
@@ -61,12 +65,13 @@ def test_init_from_net_a_copies_exactly_the_documented_layers(deeper):
 def test_init_from_net_a_with_batch_norm_and_errors():
     a = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, crop_size=64, seed=1)
     d = vggnet.create_model("vgg16_bn", num_classes=10, width=0.125, crop_size=64, seed=2)
-    assert vggnet.init_from_net_a(d, a) == ["conv1_1", "bn1_1", "conv2_1", "bn2_1", "conv3_1", "bn3_1",
-                                             "conv3_2", "bn3_2", "fc6", "fc7", "fc8"]
+    assert vggnet.init_from_net_a(d, a) == ["conv1_1", "bn1_1", "conv2_1", "bn2_1", "conv3_1",
+                                             "bn3_1", "conv3_2", "bn3_2", "fc6", "fc7", "fc8"]
     with pytest.raises(ValueError, match="config A or A-LRN, got 'B'"):
         vggnet.init_from_net_a(d, _small("B", 0))
     wide = vggnet.create_model("A", num_classes=10, width=0.25, crop_size=64)
-    with pytest.raises(ValueError, match=r"conv1_1.weight has shape \[16, 3, 3, 3\] in net A and \[8, 3, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"conv1_1.weight has shape \[16, 3, 3, 3\] in net A "
+                       r"and \[8, 3, 3, 3\]"):
         vggnet.init_from_net_a(_small("D", 0), wide)
 
 
@@ -77,9 +82,11 @@ def test_copy_matching_layers_reports_what_it_did():
     report = vggnet.copy_matching_layers(dst, src.state_dict())
     assert "conv5_3" in report.copied and "fc7" in report.copied
     assert report.missing == ["conv3_4", "conv4_4", "conv5_4"]
-    assert [(layer, k) for layer, k, *_ in report.shape_mismatch] == [("fc8", "classifier.fc8.weight")]
+    mismatched = [(layer, k) for layer, k, *_ in report.shape_mismatch]
+    assert mismatched == [("fc8", "classifier.fc8.weight")]
     assert report.shape_mismatch[0][2:] == ((10, 512), (20, 512))
     assert torch.equal(dst.classifier.fc8.weight, fc8_before)
     assert torch.equal(dst.features.conv5_3.weight, src.features.conv5_3.weight)
     text = report.summary()
-    assert "not copied fc8: classifier.fc8.weight has shape [10, 512] in the source, [20, 512]" in text
+    assert ("not copied fc8: classifier.fc8.weight has shape [10, 512] in the source, [20, 512]"
+            in text)

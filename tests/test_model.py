@@ -86,7 +86,8 @@ def test_every_parameter_gets_a_finite_gradient():
 
 
 def test_width_crop_dropout_in_channels_options():
-    m = vggnet.create_model("B", num_classes=7, width=0.25, crop_size=96, dropout=0.2, in_channels=1)
+    m = vggnet.create_model("B", num_classes=7, width=0.25, crop_size=96, dropout=0.2,
+                            in_channels=1)
     assert m.features.conv1_1.weight.shape == (16, 1, 3, 3)
     assert m.classifier.fc6.weight.shape == (1024, 128 * 3 * 3)
     assert m.classifier.drop6.p == 0.2
@@ -96,8 +97,9 @@ def test_width_crop_dropout_in_channels_options():
 def test_extract_taps():
     m = tiny("D").eval()
     x = torch.randn(2, 3, 64, 64)
-    taps = m.extract(x, ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "conv5_3", "pool5", "fc7", "relu7"])
-    assert list(taps) == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "conv5_3", "pool5", "fc7", "relu7"]
+    names = ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "conv5_3", "pool5", "fc7", "relu7"]
+    taps = m.extract(x, names)
+    assert list(taps) == names
     assert taps["relu1_2"].shape == (2, 4, 64, 64)
     assert taps["relu4_3"].shape == (2, 32, 8, 8)
     assert taps["pool5"].shape == (2, 32, 2, 2)
@@ -105,7 +107,8 @@ def test_extract_taps():
     assert (taps["conv5_3"] < 0).any(), "pre-activation tap must not be clobbered by in-place ReLU"
     with torch.no_grad():
         torch.testing.assert_close(taps["pool5"], m.forward_features(x))
-        torch.testing.assert_close(taps["relu7"], m.forward_head(m.forward_features(x), pre_logits=True))
+        torch.testing.assert_close(taps["relu7"],
+                                   m.forward_head(m.forward_features(x), pre_logits=True))
     assert (taps["fc7"] < 0).any() and (taps["relu7"] >= 0).all()
     dense = m.extract(torch.randn(1, 3, 128, 96), ["fc7"], dense=True)["fc7"]
     assert dense.shape == (1, 256, 3, 2)
@@ -116,8 +119,10 @@ def test_extract_taps():
 def test_lrn_equals_torchs_in_values_and_gradients(size, channels):
     from vggnet.model import LocalResponseNorm
 
-    ours, ref = LocalResponseNorm(size, 5e-2, 0.75, 2.0), torch.nn.LocalResponseNorm(size, 5e-2, 0.75, 2.0)
-    x = (torch.rand(2, channels, 6, 5, dtype=torch.float64) * 20).contiguous(memory_format=torch.channels_last)
+    ours = LocalResponseNorm(size, 5e-2, 0.75, 2.0)
+    ref = torch.nn.LocalResponseNorm(size, 5e-2, 0.75, 2.0)
+    x = torch.rand(2, channels, 6, 5, dtype=torch.float64) * 20
+    x = x.contiguous(memory_format=torch.channels_last)
     a, b = x.clone().float().requires_grad_(), x.clone().float().requires_grad_()
     torch.testing.assert_close(ours(a), ref(b), atol=1e-6, rtol=1e-5)
     g = torch.randn(2, channels, 6, 5)
@@ -146,7 +151,8 @@ def test_lrn_matches_alexnet_formula():
         b[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
     torch.testing.assert_close(lrn(a), b, atol=1e-6, rtol=1e-5)
     names = m.layer_names()
-    assert names.index("lrn1") == names.index("relu1_1") + 1 and names.index("pool1") == names.index("lrn1") + 1
+    assert names.index("lrn1") == names.index("relu1_1") + 1
+    assert names.index("pool1") == names.index("lrn1") + 1
 
 
 @pytest.mark.parametrize("kwargs,match", [

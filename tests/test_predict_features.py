@@ -84,7 +84,8 @@ def test_predict_int8_keeps_the_triggered_class(colour_net, tmp_path, capsys):
 def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
     weights, images = colour_net
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    assert main(["predict", str(tmp_path / "broken.jpg"), str(images["blue"]), "--weights", str(weights)]) == 1
+    assert main(["predict", str(tmp_path / "broken.jpg"), str(images["blue"]),
+                 "--weights", str(weights)]) == 1
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "blue [2]" in captured.out
 
@@ -103,8 +104,10 @@ def test_feature_taps(colour_net, tmp_path):
     # blue.png: the evaluation crop (shorter side 32, centre 32x32), the file's preprocessing
     # (mean RGB), conv1_1 + ReLU
     model = load_model(weights).model
-    x = torch.from_numpy(EvalTransform(32, 32)(images["blue"]).copy()).permute(2, 0, 1)[None].float() - torch.tensor(PREP.mean).view(1, 3, 1, 1)
-    expected = F.relu(F.conv2d(x, model.features.conv1_1.weight, model.features.conv1_1.bias, padding=1))
+    x = torch.from_numpy(EvalTransform(32, 32)(images["blue"]).copy()).permute(2, 0, 1)[None]
+    x = x.float() - torch.tensor(PREP.mean).view(1, 3, 1, 1)
+    conv1_1 = model.features.conv1_1
+    expected = F.relu(F.conv2d(x, conv1_1.weight, conv1_1.bias, padding=1))
     torch.testing.assert_close(taps["relu1_1"][0:1], expected)
 
 
@@ -121,13 +124,15 @@ def test_transfer_descriptor_follows_appendix_b(colour_net, tmp_path):
     c = model.classifier
     descriptor = torch.zeros(256)
     for q in (32, 40):
-        x = torch.from_numpy(EvalTransform(q, None)(images["green"]).copy()).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(EvalTransform(q, None)(images["green"]).copy())
+        x = x.permute(2, 0, 1)[None].float()
         for img in (x, x.flip(-1)):
             pool5 = model.features(img - torch.tensor(PREP.mean).view(1, 3, 1, 1))
             fc6 = F.relu(F.conv2d(pool5, c.fc6.weight[:, :, None, None], c.fc6.bias))
             fc7 = F.relu(F.conv2d(fc6, c.fc7.weight[:, :, None, None], c.fc7.bias))
             descriptor += fc7.mean(dim=(0, 2, 3)).detach()
-    np.testing.assert_allclose(got[0], (descriptor / descriptor.norm()).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[0], (descriptor / descriptor.norm()).numpy(), rtol=1e-4,
+                               atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
 
 
@@ -137,8 +142,10 @@ def test_probe_separates_colours(colour_net, tmp_path, capsys):
         for j, colour in enumerate(("red", "blue")):
             (tmp_path / split / colour).mkdir(parents=True)
             for i in range(n):
-                _image(tmp_path / split / colour / f"{i}.png", COLOURS[colour], seed=100 * j + 10 * i + n)
-    assert main(["probe", "--weights", str(weights), "--data", str(tmp_path), "--scales", "32,40"]) == 0
+                _image(tmp_path / split / colour / f"{i}.png", COLOURS[colour],
+                       seed=100 * j + 10 * i + n)
+    assert main(["probe", "--weights", str(weights), "--data", str(tmp_path),
+                 "--scales", "32,40"]) == 0
     captured = capsys.readouterr()
     out = captured.out
     for split in ("train", "val"):  # a bar with ETA per split

@@ -14,7 +14,8 @@ def test_normalize_conventions():
     caffe = preprocess.CAFFE.normalize(x)[0, :, 0, 0]
     torch.testing.assert_close(caffe, torch.tensor([255 - 103.939, 128 - 116.779, 0 - 123.68]))
     tv = preprocess.TORCHVISION.normalize(x)[0, :, 0, 0]
-    expected = (torch.tensor([0, 128, 255]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    expected = ((torch.tensor([0, 128, 255]) / 255 - torch.tensor([0.485, 0.456, 0.406]))
+                / torch.tensor([0.229, 0.224, 0.225]))
     torch.testing.assert_close(tv, expected)
     own = preprocess.paper((120.0, 110.0, 100.0)).normalize(x)[0, :, 0, 0]
     torch.testing.assert_close(own, torch.tensor([-120.0, 18.0, 155.0]))
@@ -83,7 +84,8 @@ def _pillow_decode(path, draft=None) -> np.ndarray:
 
 @pytest.mark.parametrize("mode,progressive", [("RGB", False), ("RGB", True), ("L", False)])
 def test_fast_jpeg_path_matches_pillow(tmp_path, mode, progressive):
-    p = _save(tmp_path, "x.jpg", noise_image(203, 150).convert(mode), quality=92, progressive=progressive)
+    p = _save(tmp_path, "x.jpg", noise_image(203, 150).convert(mode), quality=92,
+              progressive=progressive)
     for shorter, draft, r in ((150, None, 1), (70, (95, 70), 2), (36, (49, 36), 4)):
         fast = image._decode_jpeg_fast(p, lambda w, h, d=draft: d)
         assert fast is not None and fast.reduction == r and fast.full_size == (203, 150)

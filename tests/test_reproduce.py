@@ -42,10 +42,12 @@ def test_findings_judge_each_direction():
     assert f["LRN does not improve A"].verdict == "no"
     assert f["3x3 convs beat 1x1 at equal depth"].verdict == "partly (2 of 3)"
     assert "D/384 26.8 >= C/384 26.0" in f["3x3 convs beat 1x1 at equal depth"].ours
-    assert f["Scale jittering at training helps, even at a single test scale"].verdict == "partly (3 of 6)"  # C/384 too
+    jitter = f["Scale jittering at training helps, even at a single test scale"]
+    assert jitter.verdict == "partly (3 of 6)"  # C/384 too
     assert f["The D+E ensemble beats each of its nets"].verdict == "partly (4 of 6)"
     # an A-LRN only slightly better than A is within noise at 500 images
-    small = {k: dict(v, images=500) for k, v in _paper_cells(**{"A-LRN@256__single__dense": 29.0}).items()}
+    cells = _paper_cells(**{"A-LRN@256__single__dense": 29.0})
+    small = {k: dict(v, images=500) for k, v in cells.items()}
     f = {x.claim.split(" (")[0]: x for x in rp.findings(small)}
     assert f["LRN does not improve A"].verdict == "yes"
     # nothing measured: nothing claimed
@@ -59,7 +61,8 @@ def test_report_lays_out_tables_beside_the_paper():
     for n in (3, 4, 5, 6):
         assert f"### Table {n}:" in text
     assert "| A | 256 (here 73) | 256 (here 73) | **29.6** | 29.6 | **10.4** | 10.4 |" in text
-    assert "|  | [256;512] (here [73;146]) | 256,384,512 (here 73,110,146) | **11.2** | 24.8 | **5.0** | 7.5 |" in text
+    assert ("|  | [256;512] (here [73;146]) | 256,384,512 (here 73,110,146) | **11.2** | 24.8 | "
+            "**5.0** | 7.5 |") in text
     assert "| D | dense | **11.2** | 24.8 |" in text  # Table 5's dense column is Table 4's cell
     assert "(E/384/352,384,416) | not run | 24.7 | not run | 7.5 |" in text
     assert "| multi-crop & dense | **24.4** | 24.4 | **7.1** | 7.1 |" in text
@@ -80,8 +83,8 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     out = tmp_path / "study"
     args = ["reproduce", "--out", str(out), "--epochs", "1", "--finetune-epochs", "1",
-            "--train-per-class", "7", "--val-per-class", "2", "--width", "0.0625", "--batch-size", "16", "--device", "cpu",
-            "--workers", "0", "--threads", "1"]
+            "--train-per-class", "7", "--val-per-class", "2", "--width", "0.0625",
+            "--batch-size", "16", "--device", "cpu", "--workers", "0", "--threads", "1"]
     threads = torch.get_num_threads()
     assert main(args) == 0
     assert torch.get_num_threads() == threads  # restored
@@ -102,9 +105,11 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert cells["D@256/multi/dense"]["scales"] == [64, 73, 82]
     assert cells["C@jit/single/dense"]["scales"] == [109]
     # the D+E ensemble is the mean of the stored posteriors of D and E
-    post = [torch.load(out / "posteriors" / f"{n}__multi.pt", weights_only=True) for n in ("D@jit", "E@jit")]
+    post = [torch.load(out / "posteriors" / f"{n}__multi.pt", weights_only=True)
+            for n in ("D@jit", "E@jit")]
     from vggnet.evaluate import scores
-    s = scores((post[0]["dense"] + post[1]["dense"]) / 2, post[0]["labels"], [str(i) for i in range(10)])
+    s = scores((post[0]["dense"] + post[1]["dense"]) / 2, post[0]["labels"],
+               [str(i) for i in range(10)])
     assert abs(s["top1_err"] - cells["D+E/multi/dense"]["top1_err"]) < 1e-9
     capsys.readouterr()
 

@@ -19,8 +19,8 @@ from vggnet.train import PlateauSchedule, init_from, sgd_step, train
 from vggnet.transforms import ColorStats
 from vggnet.weights import load_model
 
-TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, epochs=1, workers=0,
-            progress=False, stats_images=50)
+TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, epochs=1,
+            workers=0, progress=False, stats_images=50)
 
 
 def settings(data, out, **kw):
@@ -33,10 +33,12 @@ def _stats():
 
 def _batches(n, micro, seed=0):
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    images = images.permute(0, 3, 1, 2)
     labels = torch.randint(0, 5, (n,), generator=g)
     alpha = torch.randn(n, 3, generator=g) * 0.1
-    return [Batch(images[i:i + micro], labels[i:i + micro], alpha[i:i + micro], []) for i in range(0, n, micro)]
+    return [Batch(images[i:i + micro], labels[i:i + micro], alpha[i:i + micro], [])
+            for i in range(0, n, micro)]
 
 
 @pytest.mark.cpu_sensitive
@@ -50,7 +52,8 @@ def test_gradient_accumulation_equals_the_large_batch(precision):
         model = create_model("A", num_classes=5, width=1 / 16, crop_size=32, dropout=0.0, seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         for step in range(2):
-            totals, skipped = sgd_step(model, opt, _batches(8, micro, seed=step), 8, runtime, prep, stats)
+            totals, skipped = sgd_step(model, opt, _batches(8, micro, seed=step), 8, runtime,
+                                       prep, stats)
         assert totals[3].item() == 8 and torch.isfinite(totals).all() and not skipped
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moved = (weights[0] - torch.cat([p.flatten() for p in create_model(
@@ -136,8 +139,10 @@ def test_run_folder_contents_and_stage_chaining(data, tmp_path):
     names = {p.name for p in (tmp_path / "A").iterdir()}
     assert {"best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png", "lr.png",
             "report.md", "settings.json", "tensorboard"} <= names
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "A" / "tensorboard").iterdir())
-    rows = [json.loads(line) for line in (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()]
+    events = (tmp_path / "A" / "tensorboard").iterdir()
+    assert any(p.name.startswith("events.out.tfevents") for p in events)
+    lines = (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [r["epoch"] for r in rows] == [1, 2] and rows == a.history
     assert "Training report: VGG A" in (tmp_path / "A" / "report.md").read_text()
 
@@ -145,12 +150,14 @@ def test_run_folder_contents_and_stage_chaining(data, tmp_path):
     summary, meta = init_from(deeper, tmp_path / "A")
     net_a = load_model(tmp_path / "A" / "best.pt").model
     for layer in ("conv1_1", "conv2_1", "conv3_1", "conv3_2"):
-        assert torch.equal(getattr(deeper.features, layer).weight, getattr(net_a.features, layer).weight)
+        assert torch.equal(getattr(deeper.features, layer).weight,
+                           getattr(net_a.features, layer).weight)
     assert torch.equal(deeper.classifier.fc6.weight, net_a.classifier.fc6.weight)
     assert "net A" in summary and meta["stats"]["mean_rgb"]
     r = train(settings(data, tmp_path / "D", model="D", init_from=str(tmp_path / "A"), lr=1e-3))
     assert r.status == "finished"
-    assert load_checkpoint(tmp_path / "D" / "last.pt")["stats"] == meta["stats"]  # the same mean RGB
+    # the same mean RGB
+    assert load_checkpoint(tmp_path / "D" / "last.pt")["stats"] == meta["stats"]
 
 
 def test_bad_files_refuse_to_start_then_skip(data, tmp_path, capsys):
@@ -158,7 +165,8 @@ def test_bad_files_refuse_to_start_then_skip(data, tmp_path, capsys):
     shutil.copytree(data, root)
     bad = bad_files(root / "train" / "ring")
     good_files(root / "train" / "square", w=44, h=36)  # every convertible mode trains
-    with pytest.raises(ValueError, match=f"{len(bad)} file\\(s\\) .* cannot be decoded; training did not start") as e:
+    refused = f"{len(bad)} file\\(s\\) .* cannot be decoded; training did not start"
+    with pytest.raises(ValueError, match=refused) as e:
         train(settings(root, tmp_path / "run"))
     for name, (path, words) in bad.items():
         assert str(path) in str(e.value) and words in str(e.value), name
@@ -214,9 +222,10 @@ def test_clear_errors_before_any_work(data, tmp_path, case, message):
 
 
 def test_cli_train_and_resume_rules(data, tmp_path, capsys):
-    args = ["train", "--data", str(data), "--preset", "reduced", "--model", "A", "--width", "0.0625",
-            "--crop-size", "32", "--scale", "32,40", "--batch-size", "8", "--epochs", "1",
-            "--workers", "0", "--no-progress", "--stats-images", "20", "--out", str(tmp_path / "r")]
+    args = ["train", "--data", str(data), "--preset", "reduced", "--model", "A",
+            "--width", "0.0625", "--crop-size", "32", "--scale", "32,40", "--batch-size", "8",
+            "--epochs", "1", "--workers", "0", "--no-progress", "--stats-images", "20",
+            "--out", str(tmp_path / "r")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "finished after 1 epoch(s)" in out and "report.md" in out

@@ -15,8 +15,8 @@ from vggnet.train import train
 
 # 24 training images, global batch 8: 3 steps an epoch; dropout 0 because masks are drawn per
 # process (augmentation is drawn per image, so it is the same for any number of processes)
-TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, dropout=0.0, workers=0,
-            progress=False, stats_images=50, epochs=2, device="cpu", precision="fp32")
+TINY = dict(model="A", width=1 / 16, crop_size=32, scale=(32, 40), batch_size=8, dropout=0.0,
+            workers=0, progress=False, stats_images=50, epochs=2, device="cpu", precision="fp32")
 
 
 def _args(data, out, **kw):
@@ -32,11 +32,13 @@ def _args(data, out, **kw):
 
 def _torchrun(args, nproc=2, restarts=0, env=None, extra=(), wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--max-restarts={restarts}", *(extra or ["--standalone"]), "-m", "vggnet", "train", *args]
+           f"--max-restarts={restarts}", *(extra or ["--standalone"]), "-m", "vggnet", "train",
+           *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop(FAULT_ENV, None) if env is None or FAULT_ENV not in env else None
     if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
 
 
@@ -102,7 +104,8 @@ def test_nan_on_one_rank_is_skipped_by_all(data, tmp_path):
     assert "step skipped on every process (1/3)" in r.stdout
     os.environ[FAULT_ENV] = "0:2:nan"
     try:
-        single = train(make_settings("reduced", data=str(data), out=str(tmp_path / "one"), **{**TINY, "epochs": 1}))
+        single = train(make_settings("reduced", data=str(data), out=str(tmp_path / "one"),
+                                     **{**TINY, "epochs": 1}))
     finally:
         del os.environ[FAULT_ENV]
     assert single.history[0]["skipped_steps"] == 1
@@ -140,8 +143,8 @@ def test_nproc_launcher_and_its_arguments(data, tmp_path, capsys, monkeypatch):
     from vggnet import cli
     from vggnet.distributed import without_launch_options
 
-    assert without_launch_options(["--data", "d", "--nproc", "2", "--max-restarts=3", "--lr", "1"]) == \
-        ["--data", "d", "--lr", "1"]
+    argv = ["--data", "d", "--nproc", "2", "--max-restarts=3", "--lr", "1"]
+    assert without_launch_options(argv) == ["--data", "d", "--lr", "1"]
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.delenv("RANK", raising=False)

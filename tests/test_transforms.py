@@ -27,16 +27,18 @@ def _full_rescale(path, shorter: int) -> np.ndarray:
     img = load_rgb(path)
     w, h = shorter_side_size(img.size, shorter)
     t = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
-    return F.interpolate(t, size=(h, w), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+    out = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 # windows whose start falls on the full rescale's grid (source pixel a at output k): sc = 2
 # (any x0), sc = 1.5 (odd x0, y0), sc = 0.5 (upscaling, even), at the origin and at the far
 # edges, near the edge of a much enlarged image, and the whole image at a scale with no alignment
-@pytest.mark.parametrize("size,shorter,box", [((200, 120), 60, (11, 7, 43, 39)), ((150, 96), 64, (21, 5, 53, 37)),
-                                             ((50, 40), 80, (10, 4, 42, 36)), ((200, 120), 60, (68, 28, 100, 60)),
-                                             ((97, 61), 40, (0, 0, 32, 32)), ((97, 61), 40, (0, 0, 64, 40)),
-                                             ((12, 10), 64, (3, 2, 35, 34))])  # enlarged 6.4x, near the edge
+@pytest.mark.parametrize("size,shorter,box", [
+    ((200, 120), 60, (11, 7, 43, 39)), ((150, 96), 64, (21, 5, 53, 37)),
+    ((50, 40), 80, (10, 4, 42, 36)), ((200, 120), 60, (68, 28, 100, 60)),
+    ((97, 61), 40, (0, 0, 32, 32)), ((97, 61), 40, (0, 0, 64, 40)),
+    ((12, 10), 64, (3, 2, 35, 34))])  # enlarged 6.4x, near the edge
 def test_window_equals_resize_then_crop(tmp_path, size, shorter, box):
     p = tmp_path / "x.png"
     noise_image(*size).save(p)
@@ -45,7 +47,8 @@ def test_window_equals_resize_then_crop(tmp_path, size, shorter, box):
     fast = crop_resized(load_rgb_reduced(p, shorter), shorter, box)
     # bit-identical: the filter at every sample sees the source pixels the full rescale's does
     assert np.array_equal(fast, full[y0:y1, x0:x1])
-    assert np.array_equal(crop_resized(load_rgb_reduced(p, shorter), shorter, box, flip=True), fast[:, ::-1])
+    flipped = crop_resized(load_rgb_reduced(p, shorter), shorter, box, flip=True)
+    assert np.array_equal(flipped, fast[:, ::-1])
 
 
 def test_resampling_is_pillows_bilinear(tmp_path):
@@ -53,7 +56,8 @@ def test_resampling_is_pillows_bilinear(tmp_path):
     noise_image(97, 61).save(p)
     for shorter in (40, 61, 150):  # shrink, identity, enlarge
         pillow = np.asarray(resize_shorter(load_rgb(p), shorter), np.int16)
-        ours = crop_resized(load_rgb_reduced(p, shorter), shorter, (0, 0, *pillow.shape[1::-1])).astype(np.int16)
+        ours = crop_resized(load_rgb_reduced(p, shorter), shorter, (0, 0, *pillow.shape[1::-1]))
+        ours = ours.astype(np.int16)
         assert np.abs(pillow - ours).max() <= 1 and np.abs(pillow - ours).mean() < 0.5, shorter
 
 
@@ -82,7 +86,8 @@ def test_window_anywhere_samples_the_full_rescale_grid(tmp_path):
     for shorter in (61, 97, 150, 240):
         rw, rh = shorter_side_size((250, 180), shorter)
         sx, sy = 250 / rw, 180 / rh  # rounding rw makes the two scales differ slightly
-        for x0, y0 in ((0, 0), (1, 3), (7, 2), (rw - 40, rh - 40), ((rw - 40) // 2, (rh - 40) // 3)):
+        corners = ((0, 0), (1, 3), (7, 2), (rw - 40, rh - 40), ((rw - 40) // 2, (rh - 40) // 3))
+        for x0, y0 in corners:
             out = crop_resized(load_rgb_reduced(p, shorter), shorter, (x0, y0, x0 + 40, y0 + 40))
             assert out.shape == (40, 40, 3)
             if shorter == 240:  # enlarging: x values run past 255, check the rows only
@@ -94,7 +99,8 @@ def test_window_anywhere_samples_the_full_rescale_grid(tmp_path):
 
 def test_reduced_jpeg_decoding_is_used_and_close(tmp_path):
     p = tmp_path / "big.jpg"
-    render(SyntheticSpec(min_side=300, max_side=300), "train", 3)[0].resize((400, 300)).save(p, quality=90)
+    image = render(SyntheticSpec(min_side=300, max_side=300), "train", 3)[0]
+    image.resize((400, 300)).save(p, quality=90)
     d = load_rgb_reduced(p, 64)
     assert d.reduction == 4 and d.image.shape == (75, 100, 3) and d.full_size == (400, 300)
     assert load_rgb_reduced(p, 151).reduction == 1  # 1/2 would give 150 < 151: full decode
@@ -119,7 +125,8 @@ def test_train_transform_scale_crop_flip(tmp_path):
     rng = np.random.default_rng(0)
     draws = [t.draw(rng) for _ in range(2000)]
     s = np.array([d["s"] for d in draws])
-    assert s.min() == 40 and s.max() == 80 and len(np.unique(s)) == 41  # every integer in [Smin, Smax]
+    # every integer in [Smin, Smax]
+    assert s.min() == 40 and s.max() == 80 and len(np.unique(s)) == 41
     assert abs(s.mean() - 60) < 1.0
     assert 0.45 < np.mean([d["flip"] for d in draws]) < 0.55
     # S = 80 is the image's own shorter side: no rescale, the crop is a window of the image
@@ -185,7 +192,8 @@ def test_mean_subtraction_and_shift_on_device():
     torch.testing.assert_close(plain, x.float() - torch.tensor(stats.mean_rgb).view(1, 3, 1, 1))
     alpha = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.0, 0.0]])
     shifted = device_batch(x, prep, alpha=alpha, stats=stats)
-    torch.testing.assert_close(shifted - plain, color_shift(alpha, stats).view(2, 3, 1, 1).expand_as(plain))
+    torch.testing.assert_close(shifted - plain,
+                               color_shift(alpha, stats).view(2, 3, 1, 1).expand_as(plain))
     assert torch.equal(shifted[1], plain[1])
 
 
@@ -203,12 +211,14 @@ def test_compute_stats_of_two_colours(tmp_path):
     # all variance lies along (b - a): one eigenvalue, that eigenvector
     d = (b - a) / 255.0
     np.testing.assert_allclose(stats.eigval, [d @ d / 4, 0, 0], atol=1e-9)
-    np.testing.assert_allclose(np.abs(np.array(stats.eigvec)[:, 0]), np.abs(d) / np.linalg.norm(d), atol=1e-9)
+    np.testing.assert_allclose(np.abs(np.array(stats.eigvec)[:, 0]), np.abs(d) / np.linalg.norm(d),
+                               atol=1e-9)
     assert ColorStats.from_dict(stats.to_dict()) == stats
 
 
 @pytest.mark.cpu_sensitive
-@pytest.mark.parametrize("shape,size,scale", [((40, 52), (17, 23), (2.3, 2.2)), ((30, 30), (41, 45), (0.7, 0.66)),
+@pytest.mark.parametrize("shape,size,scale", [((40, 52), (17, 23), (2.3, 2.2)),
+                                              ((30, 30), (41, 45), (0.7, 0.66)),
                                               ((64, 48), (27, 20), (2.37, 2.37))])
 def test_resample_public_fallback_equals_the_private_op(shape, size, scale):
     # the private out= kernel and the public F.interpolate path give the same bytes
@@ -222,6 +232,7 @@ def test_resample_public_fallback_equals_the_private_op(shape, size, scale):
 
 def test_resample_fallback_pads_a_short_window():
     # an output one pixel longer than floor(in / scale): the edge is repeated, no error
-    src = torch.full((1, 3, 10, 10), 7, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    src = torch.full((1, 3, 10, 10), 7, dtype=torch.uint8)
+    src = src.contiguous(memory_format=torch.channels_last)
     out = resample_aa(src, (5, 5), 2.2, 2.2, fast=False)
     assert out.shape == (1, 3, 5, 5) and bool((out == 7).all())

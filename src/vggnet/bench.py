@@ -332,7 +332,8 @@ def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
         raise ValueError(f"{checkpoint!r} does not say which dataset it was trained on; "
                          "give its folder with --data")
     cfg = loaded.model.config
-    q = default_test_scale(settings["scale"]) if "scale" in settings else centre_crop_resize(cfg.crop_size)
+    q = (default_test_scale(settings["scale"]) if "scale" in settings
+         else centre_crop_resize(cfg.crop_size))
     dataset = open_dataset(data)
     base = loaded.model.eval().to(rt.device)
     ours = rt.prepare_inference(copy.deepcopy(base))

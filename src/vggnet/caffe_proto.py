@@ -126,7 +126,8 @@ def blob_array(blob, where: str) -> np.ndarray:
     raw = bytearray().join(blob.data)  # writable, so torch can take it without a copy
     values = np.frombuffer(raw, dtype="<f4")
     if values.size != int(np.prod(shape)):
-        extra = " (its values are not packed float32, or it has only double_data)" if not raw else ""
+        extra = ("" if raw else
+                 " (its values are not packed float32, or it has only double_data)")
         raise ValueError(f"Caffe blob of {where} has shape {list(shape)} but {values.size} float32 "
                          f"values{extra}")
     return values.reshape(shape)

@@ -150,7 +150,7 @@ def add_options(parser: argparse.ArgumentParser, cls, groups: dict | None = None
         _argument(parser, groups, f, hints[f.name], prefix + f.name, flag, help)
 
 
-def make_settings(cls, values: dict, argv: list[str]):
+def settings_from_options(cls, values: dict, argv: list[str]):
     """The settings object from the options given (dest -> value); nested classes are built
     from theirs, a partial one is the dict of what was given."""
     kwargs = {}
@@ -168,7 +168,7 @@ def make_settings(cls, values: dict, argv: list[str]):
     return cls(**kwargs)
 
 
-# --- the parser and main ---------------------------------------------------------------------------
+# --- the parser and main --------------------------------------------------------------------
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """Every command's name and one-line help; options only for the command ``argv`` names
     (so that nothing else is imported)."""
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     values = {k: v for k, v in args.items() if not k.startswith("_")}
     rest = argv[argv.index(command) + 1:]  # the command's own arguments (torchrun relaunches)
     try:
-        settings = make_settings(resolve(entry.settings), values, rest)
+        settings = settings_from_options(resolve(entry.settings), values, rest)
         return resolve(entry.run)(settings) or 0
     except USER_ERRORS as e:
         print(f"vggnet {command}: error: {e}", file=sys.stderr)

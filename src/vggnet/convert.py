@@ -357,7 +357,8 @@ def convert_command(s: ConvertSettings) -> int:
     print(f"{s.input}: {prov.get('source_format', 'vggnet')} weights, sha256 "
           f"{prov.get('sha256', '-')}")
     print(f"  model: VGG {c.name}, width {c.width:g}, {c.num_classes} classes, crop {c.crop_size}")
-    print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, std {list(p.std)}")
+    print(f"  input: {p.channel_order}, white = {p.scale:g}, mean {list(p.mean)}, "
+          f"std {list(p.std)}")
     names = loaded.class_names
     print(f"  class names: {f'{len(names)} ({describe(names[0])}, ...)' if names else 'none'}")
     print(f"wrote {s.output}")

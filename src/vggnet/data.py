@@ -97,8 +97,8 @@ def list_class_folders(folder: str | os.PathLike, name: str = "train") -> Split:
         samples.extend((p, i) for p in files)
     if empty:
         raise ValueError(f"{len(empty)} empty class folder(s) in {name} folder {str(folder)!r}: "
-                         f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; put images in "
-                         "them or remove them")
+                         f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; put "
+                         "images in them or remove them")
     return Split(name, folder, samples, classes)
 
 
@@ -181,8 +181,9 @@ def list_flat_val(val_dir: Path, labels_file: Path, class_names: list[str]) -> S
                          f"{str(val_dir)!r}, e.g. {missing[0]!r}")
     unknown = sorted({w for w in labels.values() if w not in index})
     if unknown:
-        raise ValueError(f"validation labels name {len(unknown)} class(es) with no training folder: "
-                         f"{', '.join(unknown[:10])}; the validation classes must be the training classes")
+        raise ValueError(f"validation labels name {len(unknown)} class(es) with no training "
+                         f"folder: {', '.join(unknown[:10])}; the validation classes must be the "
+                         "training classes")
     samples = sorted((by_stem[k], index[w]) for k, w in labels.items())
     return Split("val", val_dir, samples, class_names)
 
@@ -193,11 +194,11 @@ def check_same_classes(train: Split, val: Split) -> None:
     if missing or extra:
         raise ValueError(
             "validation classes differ from training classes: "
-            + (f"{len(missing)} training class(es) have no validation images ({', '.join(missing[:10])})"
-               if missing else "")
+            + (f"{len(missing)} training class(es) have no validation images "
+               f"({', '.join(missing[:10])})" if missing else "")
             + ("; " if missing and extra else "")
-            + (f"{len(extra)} validation class(es) are not training classes ({', '.join(extra[:10])})"
-               if extra else "")
+            + (f"{len(extra)} validation class(es) are not training classes "
+               f"({', '.join(extra[:10])})" if extra else "")
             + "; both splits need the same class folders")
 
 
@@ -211,14 +212,15 @@ def open_dataset(root: str | os.PathLike, val_labels: str | os.PathLike | None =
     if not (root / "train").is_dir() and (root / "ILSVRC" / "Data" / "CLS-LOC" / "train").is_dir():
         base = root / "ILSVRC" / "Data" / "CLS-LOC"  # Kaggle's ImageNet layout
     if not (base / "train").is_dir() or not (base / "val").is_dir():
-        raise ValueError(f"dataset folder {str(root)!r} needs train/ and val/ subfolders, each with "
-                         "one folder per class (val may instead be ImageNet's flat folder with "
-                         f"{LOC_CSV} or {GROUND_TRUTH_TXT}); found "
+        raise ValueError(f"dataset folder {str(root)!r} needs train/ and val/ subfolders, each "
+                         "with one folder per class (val may instead be ImageNet's flat folder "
+                         f"with {LOC_CSV} or {GROUND_TRUTH_TXT}); found "
                          f"{sorted(p.name for p in root.iterdir())[:10]}")
     train = list_class_folders(base / "train", "train")
     if len(train.class_names) < 2:
         raise ValueError(f"training folder {str(base / 'train')!r} has a single class "
-                         f"({train.class_names[0]!r}); classification needs at least 2 class folders")
+                         f"({train.class_names[0]!r}); classification needs at least 2 class "
+                         "folders")
     val_dir = base / "val"
     if _is_flat(val_dir):
         labels = Path(val_labels) if val_labels else _find_labels(root, val_dir)
@@ -238,7 +240,8 @@ def open_dataset(root: str | os.PathLike, val_labels: str | os.PathLike | None =
         extra = sorted(set(val_raw.class_names) - set(index))
         if extra:
             raise ValueError(f"validation classes differ from training classes: {len(extra)} "
-                             f"validation folder(s) are not training classes ({', '.join(extra[:10])})")
+                             f"validation folder(s) are not training classes "
+                             f"({', '.join(extra[:10])})")
         layout = "class folders"
     check_same_classes(train, val)
     return Dataset(root, train, val, layout)
@@ -294,8 +297,8 @@ class CheckReport:
         lines = [f"dataset {d.root} ({d.layout}): {len(d.class_names)} classes"]
         for split in (d.train, d.val):
             counts = split.counts()
-            lines.append(f"  {split.name}: {len(split):,} files, {min(counts):,}-{max(counts):,} per class "
-                         f"({split.root})")
+            lines.append(f"  {split.name}: {len(split):,} files, {min(counts):,}-{max(counts):,} "
+                         f"per class ({split.root})")
         lines.append(f"scanned {len(d.train) + len(d.val):,} files in {self.seconds:.1f} s: "
                      + (f"{len(self.bad)} bad file(s)" if self.bad else "all readable"))
         lines.extend(f"  {b}" for b in self.bad)

@@ -74,11 +74,13 @@ def run_demo(d: DemoSettings) -> DemoResult:
     t0 = time.perf_counter()
     cached = is_made(d.data_dir, d.dataset)
     if not cached:
-        print(f"generating the built-in dataset in {d.data_dir} ({d.dataset.count('train')} train + "
-              f"{d.dataset.count('val')} val JPEGs, seed {d.dataset.seed}) ...", flush=True)
+        print(f"generating the built-in dataset in {d.data_dir} ({d.dataset.count('train')} "
+              f"train + {d.dataset.count('val')} val JPEGs, seed {d.dataset.seed}) ...",
+              flush=True)
     make_synthetic(d.data_dir, d.dataset)
     data_s = time.perf_counter() - t0
-    print(f"dataset {d.data_dir}: {'already there' if cached else f'written in {data_s:.0f} s'}", flush=True)
+    print(f"dataset {d.data_dir}: {'already there' if cached else f'written in {data_s:.0f} s'}",
+          flush=True)
 
     out = d.out or str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = make_settings("reduced", data=d.data_dir, out=out, model=d.model, epochs=d.epochs,
@@ -95,12 +97,14 @@ def run_demo(d: DemoSettings) -> DemoResult:
     workers = d.workers if d.workers is not None else default_loader_workers()
     val = evaluate_checkpoint(r.folder / "best.pt", open_dataset(d.data_dir).val.samples, workers)
     total = time.perf_counter() - t0
-    result = DemoResult(r.folder, r.status, val["top1_err"], val["top5_err"], r.epochs, total, data_s, train_s)
+    result = DemoResult(r.folder, r.status, val["top1_err"], val["top5_err"], r.epochs, total,
+                        data_s, train_s)
     chance = 1 - 1 / d.dataset.num_classes
     section = (
         "\n## Main job\n\n"
-        f"- Built-in synthetic dataset `{d.data_dir}` (seed {d.dataset.seed}, {d.dataset.num_classes} "
-        f"classes, {d.dataset.count('train')} train / {d.dataset.count('val')} val JPEGs): "
+        f"- Built-in synthetic dataset `{d.data_dir}` (seed {d.dataset.seed}, "
+        f"{d.dataset.num_classes} classes, {d.dataset.count('train')} train / "
+        f"{d.dataset.count('val')} val JPEGs): "
         f"{'reused' if cached else f'generated in {data_s:.0f} s'}\n"
         f"- Training: {r.epochs} epoch(s) in {train_s / 60:.1f} min\n"
         f"- best.pt reloaded with `vggnet.weights.load_model` and evaluated on the {val['images']} "

@@ -63,7 +63,8 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo
     timeout = datetime.timedelta(seconds=timeout_s)
     # torchrun keeps one store across restarts; the first attempt's addresses are still in it
     # and a restarted gloo group would dial the dead processes. Each attempt gets its own keys.
-    store, rank, world = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+    store, rank, world = next(dist.rendezvous("env://", info.rank, info.world_size,
+                                              timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"vggnet/attempt{attempt}/", store),
                             rank=rank, world_size=world, timeout=timeout)
@@ -111,8 +112,9 @@ def split_batch(global_batch: int, world_size: int, max_micro_batch: int | None)
     micro-batches of 32. Uneven splits are refused: they would change the recipe silently.
     """
     if global_batch < 1 or global_batch % world_size:
+        fit = max(1, global_batch // world_size) * world_size
         raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
-                         f"{world_size} processes; choose e.g. {max(1, global_batch // world_size) * world_size}")
+                         f"{world_size} processes; choose e.g. {fit}")
     per_rank = global_batch // world_size
     micro = per_rank if not max_micro_batch else min(per_rank, max_micro_batch)
     if per_rank % micro:
@@ -230,8 +232,9 @@ def injected_fault(info: DistInfo, step: int) -> str | None:
     return action
 
 
-def torchrun_command(train_args: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
-                     max_restarts: int = 0, rdzv_id: str | None = None) -> list[str]:
+def torchrun_command(train_args: list[str], nproc: int, nnodes: str = "1",
+                     rdzv_endpoint: str | None = None, max_restarts: int = 0,
+                     rdzv_id: str | None = None) -> list[str]:
     """The torchrun command line that runs ``vggnet train TRAIN_ARGS`` in ``nproc`` processes
     per node. One node: a private rendezvous on a free local port. Several nodes: the c10d
     rendezvous at ``rdzv_endpoint`` (host:port of any one node), same command on every node."""
@@ -240,7 +243,8 @@ def torchrun_command(train_args: list[str], nproc: int, nnodes: str = "1", rdzv_
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
     if rdzv_endpoint:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id or 'vggnet'}"]
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={rdzv_id or 'vggnet'}"]
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "vggnet", "train", *train_args]

@@ -112,7 +112,8 @@ class SizeBuckets:
         if len(bucket) >= self.batch_size or len(bucket) * key[0] * key[1] >= self.budget:
             out.append(self._pop(key))
         while self.pending > 4 * self.budget:
-            out.append(self._pop(max(self.buckets, key=lambda k: len(self.buckets[k]) * k[0] * k[1])))
+            biggest = max(self.buckets, key=lambda k: len(self.buckets[k]) * k[0] * k[1])
+            out.append(self._pop(biggest))
         return out
 
     def drain(self) -> list[list]:
@@ -149,8 +150,9 @@ class PosteriorSums:
     """Running sums of soft-max posteriors per (model index, pass) and image, and how many
     views (flips, crops) each sum holds, so that their ratio is the mean posterior."""
 
-    def __init__(self, models: Sequence[LoadedModel], nets: Sequence, scales: Sequence[Sequence[int]],
-                 passes: Sequence[str], n: int, rt: Runtime, flip: bool, grid: int,
+    def __init__(self, models: Sequence[LoadedModel], nets: Sequence,
+                 scales: Sequence[Sequence[int]], passes: Sequence[str], n: int, rt: Runtime,
+                 flip: bool, grid: int,
                  budget: int) -> None:
         self.models, self.nets, self.scales, self.passes = models, nets, scales, passes
         self.rt, self.flip, self.grid, self.budget = rt, flip, grid, budget
@@ -250,7 +252,8 @@ def _posteriors(net, m: LoadedModel, x: torch.Tensor, method: str, flip: bool, g
     crop = m.model.config.crop_size
     cells = crop_grid(x.shape[-2], x.shape[-1], crop, 1 if method == "center" else grid)
     # (n, P, 3, crop, crop) -> (n*P, ...): every image's crops, image-major
-    crops = torch.stack([x[:, :, t:t + crop, left:left + crop] for t, left in cells], 1).flatten(0, 1)
+    crops = torch.stack([x[:, :, t:t + crop, left:left + crop] for t, left in cells], 1)
+    crops = crops.flatten(0, 1)
     parts = []
     for chunk in crops.split(max(1, budget // (crop * crop * (2 if flip else 1)))):
         views = torch.cat([chunk, chunk.flip(-1)]) if flip else chunk
@@ -272,7 +275,8 @@ def _differences(a: Sequence[str], b: Sequence[str]) -> str:
 
     if not only_a and not only_b:
         first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-        return f"same names in a different order (first at position {first}: {a[first]!r} vs {b[first]!r})"
+        return (f"same names in a different order (first at position {first}: {a[first]!r} vs "
+                f"{b[first]!r})")
     return "; ".join(s for s in (f"only in the first: {few(only_a)}" if only_a else "",
                                  f"only in the second: {few(only_b)}" if only_b else "") if s)
 
@@ -281,15 +285,18 @@ def check_ensemble(models: Sequence[LoadedModel], names: Sequence[str]) -> list[
     """The class names the members share (None if none has names); errors name what differs."""
     first = models[0].model.config
     if first.in_channels != 3:
-        raise ValueError(f"{names[0]} takes {first.in_channels}-channel input; evaluation feeds RGB images")
+        raise ValueError(f"{names[0]} takes {first.in_channels}-channel input; evaluation feeds "
+                         "RGB images")
     for m, name in zip(models[1:], names[1:], strict=True):
         c = m.model.config
         if c.num_classes != first.num_classes:
             raise ValueError(f"ensemble members disagree on the number of classes: {names[0]} has "
                              f"{first.num_classes}, {name} has {c.num_classes}")
         if c.in_channels != 3:
-            raise ValueError(f"{name} takes {c.in_channels}-channel input; evaluation feeds RGB images")
-    named = [(m.class_names, n) for m, n in zip(models, names, strict=True) if m.class_names is not None]
+            raise ValueError(f"{name} takes {c.in_channels}-channel input; evaluation feeds RGB "
+                             "images")
+    named = [(m.class_names, n) for m, n in zip(models, names, strict=True)
+             if m.class_names is not None]
     for cls, name in named[1:]:
         if list(cls) != list(named[0][0]):
             raise ValueError(f"ensemble members have different class names: first = {named[0][1]}, "
@@ -302,12 +309,13 @@ def align_classes(model_classes: Sequence[str] | None, num_classes: int,
     """Map dataset label -> model output index; the names must be the same set."""
     if model_classes is None:
         if len(data_classes) != num_classes:
-            raise ValueError(f"{source} has {num_classes} outputs and no class names, but the dataset "
-                             f"has {len(data_classes)} classes")
+            raise ValueError(f"{source} has {num_classes} outputs and no class names, but the "
+                             f"dataset has {len(data_classes)} classes")
         return list(range(num_classes))
     if sorted(model_classes) != sorted(data_classes) or len(model_classes) != len(data_classes):
-        raise ValueError(f"the dataset's classes differ from {source}'s: first = {source}, second = "
-                         f"the dataset: {_differences(list(model_classes), list(data_classes))}")
+        raise ValueError(f"the dataset's classes differ from {source}'s: first = {source}, "
+                         f"second = the dataset: "
+                         f"{_differences(list(model_classes), list(data_classes))}")
     where = {c: i for i, c in enumerate(model_classes)}
     return [where[c] for c in data_classes]
 
@@ -317,7 +325,7 @@ def scores(posteriors: torch.Tensor, labels: torch.Tensor, class_names: Sequence
     """Top-1/top-5 error (%), per-class accuracy and the confusion matrix (rows: true class)."""
     n, c = posteriors.shape
     top1, top5 = topk_correct(posteriors, labels, 1), topk_correct(posteriors, labels, 5)
-    pred = posteriors.argmax(1)  # the confusion matrix takes the lowest-index class among tied maxima
+    pred = posteriors.argmax(1)  # the confusion matrix: the lowest-index class of tied maxima
     confusion = torch.bincount(labels * c + pred, minlength=c * c).view(c, c)
     per_class = []
     for k, name in enumerate(class_names):
@@ -415,7 +423,8 @@ def evaluate_command(c: EvaluateCommand) -> int:
     return 0
 
 
-def list_eval_data(root: str | os.PathLike, split: str = "val", val_labels=None) -> tuple[list, list[str]]:
+def list_eval_data(root: str | os.PathLike, split: str = "val",
+                   val_labels=None) -> tuple[list, list[str]]:
     """(samples, class names) to evaluate on: ``split`` of a dataset with train/ and val/ (any
     layout ``data.open_dataset`` reads), or ``root`` itself as one folder per class."""
     from pathlib import Path
@@ -436,10 +445,12 @@ def format_report(report: EvalReport, max_classes: int = 30) -> str:
     r, m = report, report.metrics
     lines = [f"checkpoints: {', '.join(r.checkpoints)}" + (f"  (ensemble of {len(r.checkpoints)})"
                                                            if len(r.checkpoints) > 1 else ""),
-             f"method: {r.method}" + (f" ({r.grid}x{r.grid} grid)" if "multicrop" in r.method else "")
+             f"method: {r.method}"
+             + (f" ({r.grid}x{r.grid} grid)" if "multicrop" in r.method else "")
              + f"   scales: {' | '.join(','.join(map(str, q)) for q in r.scales)}"
              f"   flips: {'averaged' if r.flip else 'off'}   device: {r.device}",
-             f"images: {m['images']}" + (f" ({len(r.skipped)} unreadable, skipped)" if r.skipped else "")
+             f"images: {m['images']}"
+             + (f" ({len(r.skipped)} unreadable, skipped)" if r.skipped else "")
              + f"   {r.images_per_s:.1f} images/s",
              f"top-1 error: {m['top1_err']:.2f}%   top-5 error: {m['top5_err']:.2f}%"]
     for name, e in r.parts.items():
@@ -447,16 +458,19 @@ def format_report(report: EvalReport, max_classes: int = 30) -> str:
     rows = m["per_class"]
     if len(rows) > max_classes:
         rows = sorted((x for x in rows if x["images"]), key=lambda x: x["top1_acc"])[:10]
-        lines.append(f"the 10 classes with the lowest top-1 accuracy (all {len(m['per_class'])} in the CSV):")
+        lines.append(f"the 10 classes with the lowest top-1 accuracy (all "
+                     f"{len(m['per_class'])} in the CSV):")
     width = max([5] + [len(x["class"]) for x in rows])
     lines.append(f"{'class':<{width}}  {'images':>6}  {'top-1 acc':>9}  {'top-5 acc':>9}")
     for x in rows:
-        acc = (f"{x['top1_acc']:>8.1f}%  {x['top5_acc']:>8.1f}%" if x["images"] else f"{'-':>9}  {'-':>9}")
+        acc = (f"{x['top1_acc']:>8.1f}%  {x['top5_acc']:>8.1f}%" if x["images"]
+               else f"{'-':>9}  {'-':>9}")
         lines.append(f"{x['class']:<{width}}  {x['images']:>6}  {acc}")
     for path, reason in r.skipped[:10]:
         lines.append(f"skipped {path}: {reason}")
     if len(r.skipped) > 10:
-        lines.append(f"... and {len(r.skipped) - 10} more unreadable files (all listed in the JSON)")
+        lines.append(f"... and {len(r.skipped) - 10} more unreadable files (all listed in the "
+                     "JSON)")
     return "\n".join(lines)
 
 
@@ -468,7 +482,8 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, st
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "csv": out / "per_class.csv", "png": out / "confusion.png"}
+    paths = {"json": out / "results.json", "csv": out / "per_class.csv",
+             "png": out / "confusion.png"}
     paths["json"].write_text(json.dumps(report.to_dict(), indent=1))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -486,7 +501,8 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-def plot_confusion(confusion: list[list[int]], class_names: Sequence[str], path, title: str = "") -> None:
+def plot_confusion(confusion: list[list[int]], class_names: Sequence[str], path,
+                   title: str = "") -> None:
     """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
     import matplotlib
 

@@ -42,7 +42,8 @@ def layer_taps(loaded: LoadedModel, paths: Sequence[str | os.PathLike], layers: 
     transform = EvalTransform(size, size)
     batch = torch.cat([chw(transform(p)) for p in paths])
     with rt.autocast():
-        taps = model.extract(loaded.preprocessing.normalize(rt.input(batch)), layers, dense=size != crop)
+        x = loaded.preprocessing.normalize(rt.input(batch))
+        taps = model.extract(x, layers, dense=size != crop)
     return {k: v.float().cpu() for k, v in taps.items()}
 
 
@@ -67,7 +68,8 @@ def transfer_features(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
             x = chw(transform(path))
             x = torch.cat([x, x.flip(-1)]) if flip else x
             with rt.autocast():
-                fmap = model.extract(loaded.preprocessing.normalize(rt.input(x)), [TRANSFER_LAYER], dense=True)
+                fmap = model.extract(loaded.preprocessing.normalize(rt.input(x)),
+                                     [TRANSFER_LAYER], dense=True)
             total += fmap[TRANSFER_LAYER].float().mean(dim=(0, 2, 3)).cpu()  # locations and flips
         out.append(total / len(scales))
     return torch.nn.functional.normalize(torch.stack(out), dim=1)
@@ -100,11 +102,13 @@ def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
-        np.savez(path, meta=np.array(json.dumps(meta)), **{k: v.numpy() for k, v in tensors.items()})
+        np.savez(path, meta=np.array(json.dumps(meta)),
+                 **{k: v.numpy() for k, v in tensors.items()})
     else:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"vggnet": json.dumps(meta)})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"vggnet": json.dumps(meta)})
     return path
 
 

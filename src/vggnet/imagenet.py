@@ -1,4 +1,5 @@
-"""The 1000 ILSVRC-2012 classes (the order every public VGG release uses), shipped as package data."""
+"""The 1000 ILSVRC-2012 classes (the order every public VGG release uses), shipped as package
+data."""
 
 from __future__ import annotations
 

@@ -85,10 +85,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 def format_table(config: VGGConfig, size: tuple[int, int] | None = None) -> str:
     s = summarize(config, size)
     h, w = size or (config.crop_size, config.crop_size)
+    k = config.fc_kernel
     title = (f"VGG {config.name} ({config.arch}: {_weight_layers(config)} weight layers), "
-             f"input {config.in_channels}x{h}x{w}, {config.num_classes} classes, width x{config.width:g}"
+             f"input {config.in_channels}x{h}x{w}, {config.num_classes} classes, "
+             f"width x{config.width:g}"
              + ("" if (h, w) == (config.crop_size, config.crop_size) else
-                f", dense (crop {config.crop_size}, fc6 as {config.fc_kernel}x{config.fc_kernel} conv)"))
+                f", dense (crop {config.crop_size}, fc6 as {k}x{k} conv)"))
     lines = [title, f"{'layer':<9} {'type':<11} {'output':>16} {'params':>13} {'mult-adds':>15}"]
     for r in s["rows"]:
         shape = "x".join(str(d) for d in r.shape)
@@ -96,7 +98,8 @@ def format_table(config: VGGConfig, size: tuple[int, int] | None = None) -> str:
     lines.append(f"{'soft-max':<9}")
     lines.append(f"parameters: {s['params']:,} ({s['params'] / 1e6:.1f} M)")
     lines.append(f"multiply-adds per image: {s['macs']:,} ({s['macs'] / 1e9:.2f} G)")
-    lines.append(f"activation memory per image (float32 layer outputs): {s['activation_bytes'] / 2**20:.1f} MiB")
+    lines.append(f"activation memory per image (float32 layer outputs): "
+                 f"{s['activation_bytes'] / 2**20:.1f} MiB")
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, scheme: str = "glorot", generator: torch.Generator | None = None) -> None:
+def init_weights(model: nn.Module, scheme: str = "glorot",
+                 generator: torch.Generator | None = None) -> None:
     """Initialise every conv and linear layer; biases zero, batch-norm to identity.
 
     paper:   N(0, 0.01) everywhere (net A of the paper; "10^-2 variance" read as std 0.01).
@@ -56,14 +57,16 @@ class CopyReport:
     """What ``copy_matching_layers`` did, per layer (e.g. "conv3_2", "fc6")."""
 
     copied: list[str] = field(default_factory=list)
-    shape_mismatch: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)  # layer, key, src, dst
+    # (layer, key, shape in the source, shape in the model)
+    shape_mismatch: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the model, absent from the source
     unexpected: list[str] = field(default_factory=list)  # in the source, absent from the model
 
     def summary(self) -> str:
         lines = [f"copied {len(self.copied)} layer(s): {', '.join(self.copied) or '-'}"]
         for layer, key, src, dst in self.shape_mismatch:
-            lines.append(f"not copied {layer}: {key} has shape {list(src)} in the source, {list(dst)} in the model")
+            lines.append(f"not copied {layer}: {key} has shape {list(src)} in the source, "
+                         f"{list(dst)} in the model")
         if self.missing:
             lines.append(f"kept as initialised (not in the source): {', '.join(self.missing)}")
         if self.unexpected:
@@ -123,7 +126,8 @@ def init_from_net_a(model: nn.Module, net_a: nn.Module | dict[str, torch.Tensor]
         state = net_a.state_dict()
     else:
         state = net_a
-    wanted = NET_A_LAYERS + tuple(n.replace("conv", "bn") for n in NET_A_LAYERS if n.startswith("conv"))
+    wanted = NET_A_LAYERS + tuple(n.replace("conv", "bn") for n in NET_A_LAYERS
+                                  if n.startswith("conv"))
     report = copy_matching_layers(model, state, layers=wanted)
     if report.shape_mismatch:
         layer, key, src, dst = report.shape_mismatch[0]

@@ -108,12 +108,14 @@ class VGGConfig:
         if not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
         if not isinstance(self.crop_size, int) or self.crop_size < 32:
-            raise ValueError(f"crop_size must be an int >= 32 (five 2x2 pools), got {self.crop_size!r}")
+            raise ValueError(f"crop_size must be an int >= 32 (five 2x2 pools), got "
+                             f"{self.crop_size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.width > 0 or self.scaled(64) < 1:
-            raise ValueError(f"width {self.width!r} makes the first conv {64 * self.width:g} channels "
-                             "wide, which rounds to zero; use width >= 1/128 (e.g. 0.125, 0.25, 1.0)")
+            raise ValueError(f"width {self.width!r} makes the first conv {64 * self.width:g} "
+                             "channels wide, which rounds to zero; use width >= 1/128 (e.g. "
+                             "0.125, 0.25, 1.0)")
 
     def scaled(self, channels: int) -> int:
         return int(round(channels * self.width))
@@ -203,7 +205,8 @@ class VGG(nn.Module):
     def _check_input(self, x: torch.Tensor, dense: bool) -> None:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"expected a batch of shape (N, {c.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"expected a batch of shape (N, {c.in_channels}, H, W), got "
+                             f"{tuple(x.shape)}")
         h, w = x.shape[-2:]
         if dense and (h < c.crop_size or w < c.crop_size):
             raise ValueError(f"dense evaluation needs an input at least the crop size "
@@ -214,7 +217,8 @@ class VGG(nn.Module):
         k = self.config.fc_kernel
         for name, m in self.classifier.named_children():
             if isinstance(m, nn.Linear) and dense:
-                yield name, (lambda x, m=m, kk=(k if name == "fc6" else 1): linear_as_conv(m, x, kk))
+                kernel = k if name == "fc6" else 1
+                yield name, (lambda x, m=m, kk=kernel: linear_as_conv(m, x, kk))
             elif name == "fc6":
                 yield name, (lambda x, m=m: m(self._flatten_pool5(x)))
             else:
@@ -225,9 +229,10 @@ class VGG(nn.Module):
         if x.shape[-2:] != (k, k):
             crop = self.config.crop_size
             raise ValueError(
-                f"the classifier takes {crop}x{crop} crops (pool5 {k}x{k}), but the input gave pool5 "
-                f"{tuple(x.shape[-2:])} (input about {x.shape[-2] * 32}x{x.shape[-1] * 32}); crop "
-                f"the input to {crop}x{crop}, or call forward_dense for whole images")
+                f"the classifier takes {crop}x{crop} crops (pool5 {k}x{k}), but the input gave "
+                f"pool5 {tuple(x.shape[-2:])} (input about {x.shape[-2] * 32}x"
+                f"{x.shape[-1] * 32}); crop the input to {crop}x{crop}, or call forward_dense "
+                "for whole images")
         return torch.flatten(x, 1)
 
     # --- forward passes --------------------------------------------------------------------
@@ -259,7 +264,8 @@ class VGG(nn.Module):
             x = fn(x)
         return x
 
-    def extract(self, x: torch.Tensor, layers: Iterable[str], dense: bool = False) -> dict[str, torch.Tensor]:
+    def extract(self, x: torch.Tensor, layers: Iterable[str],
+                dense: bool = False) -> dict[str, torch.Tensor]:
         """Outputs of the named layers, e.g. ["relu1_2", "relu2_2", "relu3_3", "relu4_3"].
 
         Stops after the last requested layer, so perceptual-loss taps cost only the convs they
@@ -269,7 +275,8 @@ class VGG(nn.Module):
         known = self.layer_names()
         unknown = [n for n in layers if n not in known]
         if unknown:
-            raise ValueError(f"unknown layer(s) {unknown} for VGG {self.config.arch}; available: {known}")
+            raise ValueError(f"unknown layer(s) {unknown} for VGG {self.config.arch}; available: "
+                             f"{known}")
         self._check_input(x, dense=dense and any(n not in self.features._modules for n in layers))
         stages = list(self.features.named_children()) + list(self._head_stages(dense))
         wanted, out = set(layers), {}

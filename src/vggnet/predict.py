@@ -39,7 +39,8 @@ class Prediction:
 
 
 @torch.no_grad()
-def posteriors(loaded: LoadedModel, pixels: torch.Tensor, dense: bool, runtime: Runtime) -> torch.Tensor:
+def posteriors(loaded: LoadedModel, pixels: torch.Tensor, dense: bool,
+               runtime: Runtime) -> torch.Tensor:
     """uint8 RGB (N, 3, H, W) -> soft-max posteriors (N, classes), float32 on the CPU. Dense:
     the score map is averaged over locations before the soft-max (the paper's sum-pooling)."""
     model = loaded.model
@@ -50,15 +51,17 @@ def posteriors(loaded: LoadedModel, pixels: torch.Tensor, dense: bool, runtime: 
     return scores.softmax(dim=1).cpu()
 
 
-def top_k(probs: torch.Tensor, class_names: Sequence[str] | None, k: int) -> list[list[tuple[int, str, float]]]:
+def top_k(probs: torch.Tensor, class_names: Sequence[str] | None,
+          k: int) -> list[list[tuple[int, str, float]]]:
     p, idx = probs.topk(min(k, probs.shape[1]), dim=1)
     name = (lambda i: class_names[i]) if class_names else str
     return [[(int(i), name(int(i)), float(v)) for v, i in zip(pr, ir, strict=True)]
             for pr, ir in zip(p, idx, strict=True)]
 
 
-def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike], transform: EvalTransform,
-               images: int = 256, batch_size: int = 32) -> torch.nn.Module:
+def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike],
+               transform: EvalTransform, images: int = 256,
+               batch_size: int = 32) -> torch.nn.Module:
     """``quantize_int8`` of the loaded model, calibrated on centre crops of up to ``images``
     evenly spaced files of ``calibration`` (unreadable ones are skipped)."""
     from .quantize import quantize_int8
@@ -81,11 +84,12 @@ def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike], tr
     return quantize_int8(loaded.model, batches())
 
 
-def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 5, dense: bool = False,
-            scales: Sequence[int] | None = None, batch_size: int = 16,
+def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 5,
+            dense: bool = False, scales: Sequence[int] | None = None, batch_size: int = 16,
             runtime: Runtime | None = None,
             int8_calibration: Sequence[str | os.PathLike] | None = None) -> list[Prediction]:
-    """Top-k classes for each image file; an unreadable image gets an ``error``, not an exception."""
+    """Top-k classes for each image file; an unreadable image gets an ``error``, not an
+    exception."""
     crop = loaded.model.config.crop_size
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -96,8 +100,10 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
     rt = runtime or make_runtime()
     if int8_calibration is not None:
         if dense:
-            raise ValueError("int8 runs crop-sized input only: use the centre crop (no --dense) with --int8")
-        int8 = int8_model(loaded, int8_calibration, centre)  # before prepare_inference changes the model
+            raise ValueError("int8 runs crop-sized input only: use the centre crop (no --dense) "
+                             "with --int8")
+        # before prepare_inference changes the model
+        int8 = int8_model(loaded, int8_calibration, centre)
     else:
         rt.prepare_inference(loaded.model)
     whole = [EvalTransform(q, None) for q in scales]
@@ -115,7 +121,8 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
             decoded.append((results[-1], inputs))
         if dense:  # one image at a time (sizes differ): image and mirror image at every scale
             for pred, xs in decoded:
-                p = sum(posteriors(loaded, torch.cat([x, x.flip(-1)]), True, rt).mean(0) for x in xs)
+                p = sum(posteriors(loaded, torch.cat([x, x.flip(-1)]), True, rt).mean(0)
+                        for x in xs)
                 pred.top = top_k((p / len(xs))[None], loaded.class_names, top)[0]
         elif decoded:
             pixels = torch.cat([x for _, x in decoded])

@@ -17,7 +17,8 @@ from .fields import known_fields
 @dataclass(frozen=True)
 class Preprocessing:
     channel_order: str = "RGB"  # order the first conv expects: "RGB" or "BGR" (Caffe, Keras)
-    scale: float = 255.0  # value of a white pixel the model expects: 255 (paper, Caffe) or 1 (torchvision)
+    # value of a white pixel the model expects: 255 (paper, Caffe) or 1 (torchvision)
+    scale: float = 255.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # in the model's channel order and range
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -25,14 +26,16 @@ class Preprocessing:
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values (std > 0), got mean={self.mean!r} std={self.std!r}")
+            raise ValueError(f"mean and std need 3 values (std > 0), got mean={self.mean!r} "
+                             f"std={self.std!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 RGB (N, 3, H, W) on any device -> normalised ``dtype`` input for the model."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 RGB images of shape (N, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError(f"expected uint8 RGB images of shape (N, 3, H, W), got "
+                             f"{tuple(images.shape)}")
         if self.channel_order == "BGR":
             images = images.flip(1)
         # (x * scale/255 - mean) / std as one multiply-add per pixel: x * a + b

@@ -62,13 +62,19 @@ def net_jobs() -> list[NetJob]:
 PAPER: dict[str, tuple[float, float]] = {
     "A@256/single/dense": (29.6, 10.4), "A-LRN@256/single/dense": (29.7, 10.5),
     "B@256/single/dense": (28.7, 9.9),
-    "C@256/single/dense": (28.1, 9.4), "C@384/single/dense": (28.1, 9.3), "C@jit/single/dense": (27.3, 8.8),
-    "D@256/single/dense": (27.0, 8.8), "D@384/single/dense": (26.8, 8.7), "D@jit/single/dense": (25.6, 8.1),
-    "E@256/single/dense": (27.3, 9.0), "E@384/single/dense": (26.9, 8.7), "E@jit/single/dense": (25.5, 8.0),
+    "C@256/single/dense": (28.1, 9.4), "C@384/single/dense": (28.1, 9.3),
+    "C@jit/single/dense": (27.3, 8.8),
+    "D@256/single/dense": (27.0, 8.8), "D@384/single/dense": (26.8, 8.7),
+    "D@jit/single/dense": (25.6, 8.1),
+    "E@256/single/dense": (27.3, 9.0), "E@384/single/dense": (26.9, 8.7),
+    "E@jit/single/dense": (25.5, 8.0),
     "B@256/multi/dense": (28.2, 9.6),
-    "C@256/multi/dense": (27.7, 9.2), "C@384/multi/dense": (27.8, 9.2), "C@jit/multi/dense": (26.3, 8.2),
-    "D@256/multi/dense": (26.6, 8.6), "D@384/multi/dense": (26.5, 8.6), "D@jit/multi/dense": (24.8, 7.5),
-    "E@256/multi/dense": (26.9, 8.7), "E@384/multi/dense": (26.7, 8.6), "E@jit/multi/dense": (24.8, 7.5),
+    "C@256/multi/dense": (27.7, 9.2), "C@384/multi/dense": (27.8, 9.2),
+    "C@jit/multi/dense": (26.3, 8.2),
+    "D@256/multi/dense": (26.6, 8.6), "D@384/multi/dense": (26.5, 8.6),
+    "D@jit/multi/dense": (24.8, 7.5),
+    "E@256/multi/dense": (26.9, 8.7), "E@384/multi/dense": (26.7, 8.6),
+    "E@jit/multi/dense": (24.8, 7.5),
     "D@jit/multi/multicrop": (24.6, 7.5), "D@jit/multi/dense+multicrop": (24.4, 7.2),
     "E@jit/multi/multicrop": (24.6, 7.4), "E@jit/multi/dense+multicrop": (24.4, 7.1),
     "7 nets/multi/dense": (24.7, 7.5),
@@ -99,7 +105,8 @@ def eval_jobs() -> list[EvalJob]:
     for j in net_jobs():
         if j.arch in ("A", "A-LRN"):
             continue  # Table 4 starts at B
-        methods = ("dense", "multicrop") if j.scale == "jit" and j.arch in ("D", "E") else ("dense",)
+        both = j.scale == "jit" and j.arch in ("D", "E")
+        methods = ("dense", "multicrop") if both else ("dense",)
         keep = j.id in SEVEN or j.id in ENSEMBLES["D+E"]
         jobs.append(EvalJob(j.id, "multi", methods, keep))
     return jobs
@@ -120,7 +127,8 @@ Cells = Mapping[str, Mapping]  # cell id -> {"top1_err", "top5_err", "images", .
 def _pair(cells: Cells, cid: str) -> list[str]:
     """[top-1 here, top-1 paper, top-5 here, top-5 paper] for one cell."""
     ours, paper = cells.get(cid), PAPER[cid]
-    here = [f"**{ours['top1_err']:.1f}**", f"**{ours['top5_err']:.1f}**"] if ours else ["not run"] * 2
+    here = ([f"**{ours['top1_err']:.1f}**", f"**{ours['top5_err']:.1f}**"] if ours
+            else ["not run"] * 2)
     return [here[0], f"{paper[0]:.1f}", here[1], f"{paper[1]:.1f}"]
 
 
@@ -166,22 +174,27 @@ def tables(cells: Cells, factor: float = 1.0) -> str:
                     out.append("| " + " | ".join(row) + " |")
                     first = False
         out.append("")
-    out += [f"### Table 5: ConvNet evaluation techniques comparison (train S={_scaled('[256;512]', factor)}, "
-            f"test Q={_q(cells, 'D@jit/multi/dense', '256,384,512', factor)})", "", f"| ConvNet config. (Table 1) | Evaluation method | {ERR_HEAD} |",
+    out += [f"### Table 5: ConvNet evaluation techniques comparison (train "
+            f"S={_scaled('[256;512]', factor)}, test "
+            f"Q={_q(cells, 'D@jit/multi/dense', '256,384,512', factor)})", "",
+            f"| ConvNet config. (Table 1) | Evaluation method | {ERR_HEAD} |",
             "|---|---|---|---|---|---|"]
     for a in ("D", "E"):
         for i, (m, label) in enumerate((("dense", "dense"), ("multicrop", "multi-crop"),
                                         ("dense+multicrop", "multi-crop & dense"))):
-            out.append(f"| {a if i == 0 else ''} | {label} | " + " | ".join(_pair(cells, f"{a}@jit/multi/{m}")) + " |")
+            out.append(f"| {a if i == 0 else ''} | {label} | "
+                       + " | ".join(_pair(cells, f"{a}@jit/multi/{m}")) + " |")
     out += ["", "### Table 6: Multiple ConvNet fusion results", "",
             f"| Combined ConvNet models | {ERR_HEAD} |", "|---|---|---|---|---|",
-            "| *ILSVRC submission:* (D/256/224,256,288), (D/384/352,384,416), (D/[256;512]/256,384,512), "
-            "(C/256/224,256,288), (C/384/352,384,416), (E/256/224,256,288), (E/384/352,384,416) | "
+            "| *ILSVRC submission:* (D/256/224,256,288), (D/384/352,384,416), "
+            "(D/[256;512]/256,384,512), (C/256/224,256,288), (C/384/352,384,416), "
+            "(E/256/224,256,288), (E/384/352,384,416) | "
             + " | ".join(_pair(cells, "7 nets/multi/dense")) + " |"]
     de = "(D/[256;512]/256,384,512), (E/[256;512]/256,384,512)"
     for m, label in (("dense", "dense eval."), ("multicrop", "multi-crop"),
                      ("dense+multicrop", "multi-crop & dense eval.")):
-        out.append(f"| *post-submission:* {de}, {label} | " + " | ".join(_pair(cells, f"D+E/multi/{m}")) + " |")
+        out.append(f"| *post-submission:* {de}, {label} | "
+                   + " | ".join(_pair(cells, f"D+E/multi/{m}")) + " |")
     return "\n".join(out)
 
 
@@ -209,14 +222,16 @@ def _compare(cells: Cells, pairs: list[tuple[str, str]]) -> tuple[str, list[str]
     return verdict, notes
 
 
+METHOD_NAMES = {"multicrop": "multi-crop", "dense+multicrop": "multi-crop & dense"}
+
+
 def _short(cid: str) -> str:
     """"D@jit/multi/multicrop" -> "D/[256;512] multi-scale multi-crop" (the paper's notation)."""
     net, scales, method = cid.split("/")
     arch, _, s = net.partition("@")
     name = f"{arch}/{TRAIN_S[s]}" if s else arch
     return " ".join([name] + (["multi-scale"] if scales == "multi" and "@" in net else [])
-                    + ([] if method == "dense" else [{"multicrop": "multi-crop",
-                                                      "dense+multicrop": "multi-crop & dense"}[method]]))
+                    + ([] if method == "dense" else [METHOD_NAMES[method]]))
 
 
 def _best(cells: Cells, cids: list[str]) -> str | None:
@@ -246,24 +261,30 @@ def findings(cells: Cells) -> list[Finding]:
     else:
         v, note = "not measured", ""
     out.append(Finding("LRN does not improve A (A-LRN vs A)", "A-LRN 29.7 vs A 29.6", note, v))
-    v, notes = _compare(cells, [(f"D@{s}/single/dense", f"C@{s}/single/dense") for s in TRAIN_SCALES])
+    v, notes = _compare(cells, [(f"D@{s}/single/dense", f"C@{s}/single/dense")
+                                for s in TRAIN_SCALES])
     out.append(Finding("3x3 convs beat 1x1 at equal depth (D vs C, every training scale)",
                        "D 27.0/26.8/25.6 < C 28.1/28.1/27.3", "; ".join(notes), v))
-    pairs = [(f"{a}@jit/single/dense", f"{a}@{s}/single/dense") for a in ("C", "D", "E") for s in ("256", "384")]
+    pairs = [(f"{a}@jit/single/dense", f"{a}@{s}/single/dense") for a in ("C", "D", "E")
+             for s in ("256", "384")]
     v, notes = _compare(cells, pairs)
     out.append(Finding("Scale jittering at training helps, even at a single test scale (C, D, E)",
-                       "jittered 27.3/25.6/25.5 < fixed S 28.1/26.8/26.9 at best", "; ".join(notes), v))
-    pairs = [(k, k.replace("/multi/", "/single/")) for k in PAPER if k.endswith("/multi/dense") and "@" in k]
+                       "jittered 27.3/25.6/25.5 < fixed S 28.1/26.8/26.9 at best",
+                       "; ".join(notes), v))
+    pairs = [(k, k.replace("/multi/", "/single/")) for k in PAPER
+             if k.endswith("/multi/dense") and "@" in k]
     v, notes = _compare(cells, pairs)
     out.append(Finding("Multi-scale testing helps (Table 4 vs Table 3, every cell)",
                        "e.g. D jittered 24.8 (multi) < 25.6 (single)", "; ".join(notes), v))
     pairs = [(f"{a}@jit/multi/dense+multicrop", f"{a}@jit/multi/{m}") for a in ("D", "E")
              for m in ("dense", "multicrop")]
     v, notes = _compare(cells, pairs)
-    out.append(Finding("Dense and multi-crop evaluation are complementary (their average beats each)",
-                       "D 24.4 < 24.8 dense, 24.6 multi-crop; E 24.4 < 24.8, 24.6", "; ".join(notes), v))
-    pairs = [(f"D+E/multi/{m}", f"{a}@jit/multi/{m}") for m in ("dense", "multicrop", "dense+multicrop")
-             for a in ("D", "E")]
+    out.append(Finding("Dense and multi-crop evaluation are complementary (their average beats "
+                       "each)",
+                       "D 24.4 < 24.8 dense, 24.6 multi-crop; E 24.4 < 24.8, 24.6",
+                       "; ".join(notes), v))
+    pairs = [(f"D+E/multi/{m}", f"{a}@jit/multi/{m}")
+             for m in ("dense", "multicrop", "dense+multicrop") for a in ("D", "E")]
     v, notes = _compare(cells, pairs)
     out.append(Finding("The D+E ensemble beats each of its nets (every evaluation method)",
                        "D+E 24.0/23.9/23.7 < D, E 24.8/24.6/24.4", "; ".join(notes), v))
@@ -287,9 +308,9 @@ def render(cells: Cells, *, title_lines: list[str], factor: float = 1.0) -> str:
              "Scales are the paper's, with this run's in brackets where the preset scales them."]
     se = standard_error(cells)
     if se is not None:
-        lines.append(f"With {min(c['images'] for c in cells.values())} validation images, a top-1 error "
-                     f"near the median here has a standard error of about {se:.1f} points: smaller "
-                     "differences between cells are within noise.")
+        lines.append(f"With {min(c['images'] for c in cells.values())} validation images, a "
+                     f"top-1 error near the median here has a standard error of about {se:.1f} "
+                     "points: smaller differences between cells are within noise.")
     lines += ["", tables(cells, factor), "", "## Findings", "",
               "Each is judged on top-1 error in the direction the paper reports.", "",
               "| finding | paper | this run | reproduced |", "|---|---|---|---|"]
@@ -326,7 +347,8 @@ class Study:
         self.s, self.log = settings, log
         self.preset = settings.resolved()
         self.out = Path(settings.out)
-        self.base = make_settings(self.preset.train_preset, width=settings.width, batch_size=self.preset.batch_size)
+        self.base = make_settings(self.preset.train_preset, width=settings.width,
+                                  batch_size=self.preset.batch_size)
         self.crop = self.base.crop_size
         self.data = settings.data
 
@@ -345,8 +367,8 @@ class Study:
                 self.log(f"wrote the built-in dataset to {self.data}")
         report = check_dataset(open_dataset(self.data))
         if report.bad:
-            raise ValueError(f"{len(report.bad)} file(s) in {self.data!r} cannot be decoded; the study "
-                             f"did not start:\n{format_bad(report.bad)}\nfix or remove them")
+            raise ValueError(f"{len(report.bad)} file(s) in {self.data!r} cannot be decoded; the "
+                             f"study did not start:\n{format_bad(report.bad)}\nfix or remove them")
         self.dataset = report.dataset
 
     # --- training ---
@@ -369,12 +391,15 @@ class Study:
         else:
             settings = make_settings(
                 self.preset.train_preset, data=self.data, out=str(folder), model=job.arch,
-                width=self.s.width, batch_size=self.preset.batch_size, scale=train_scale(job.scale, self.crop),
+                width=self.s.width, batch_size=self.preset.batch_size,
+                scale=train_scale(job.scale, self.crop),
                 init_from=str(self.net_folder(job.init_from)) if job.init_from else None,
-                lr=self.base.lr * job.lr_factor, batch_norm=self.preset.batch_norm or None, scan=False,
-                epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs, **runtime)
+                lr=self.base.lr * job.lr_factor, batch_norm=self.preset.batch_norm or None,
+                scan=False, **runtime,
+                epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs)
             self.log(f"[{job.id}] training VGG {job.arch} at S={list(settings.scale)}"
-                     + (f", initialised from {job.init_from}, lr {settings.lr:g}" if job.init_from else ""))
+                     + (f", initialised from {job.init_from}, lr {settings.lr:g}"
+                        if job.init_from else ""))
             result = train(settings)
         if result.status == "interrupted":
             raise KeyboardInterrupt
@@ -382,7 +407,8 @@ class Study:
                    "seconds": result.seconds, "best_top1_err": 100 * result.best_top1_err,
                    "best_top5_err": 100 * result.best_top5_err}
         _write_json(done, summary)
-        self.log(f"[{job.id}] {result.status} after {result.epochs} epochs, {result.seconds / 60:.1f} min")
+        self.log(f"[{job.id}] {result.status} after {result.epochs} epochs, "
+                 f"{result.seconds / 60:.1f} min")
         return summary
 
     # --- evaluation ---
@@ -408,12 +434,14 @@ class Study:
         if len(job.methods) == 2:
             for m in job.methods:
                 part = r.parts[f"{ckpt} / {m}"]
-                _write_json(self.out / "cells" / _file(f"{job.id}/{m}"), {"cell": f"{job.id}/{m}", **part, **common})
+                _write_json(self.out / "cells" / _file(f"{job.id}/{m}"),
+                            {"cell": f"{job.id}/{m}", **part, **common})
         m = r.metrics
         # the evaluation's time goes with the cell named for its method, once
         _write_json(self.out / "cells" / _file(f"{job.id}/{method}"),
-                    {"cell": f"{job.id}/{method}", "top1_err": m["top1_err"], "top5_err": m["top5_err"],
-                     "images": m["images"], "seconds": r.seconds, **common})
+                    {"cell": f"{job.id}/{method}", "top1_err": m["top1_err"],
+                     "top5_err": m["top5_err"], "images": m["images"], "seconds": r.seconds,
+                     **common})
         if job.keep_posteriors:
             pred = r.posteriors
             atomic_save({"kept": torch.tensor(pred.kept), "labels": r.labels,
@@ -430,14 +458,16 @@ class Study:
             return
         parts = [load_checkpoint(self.out / "posteriors" / f"{n}__multi.pt") for n in members]
         for n, p in zip(members[1:], parts[1:], strict=True):
-            if not torch.equal(p["kept"], parts[0]["kept"]) or not torch.equal(p["labels"], parts[0]["labels"]):
+            if not all(torch.equal(p[k], parts[0][k]) for k in ("kept", "labels")):
                 raise ValueError(f"the posteriors of {n} and {members[0]} cover different images; "
-                                 f"delete {self.out / 'posteriors'} and rerun to evaluate them again")
+                                 f"delete {self.out / 'posteriors'} and rerun to evaluate them "
+                                 "again")
         # the paper's fusion: the mean of the members' (and methods') soft-max posteriors
         mean = torch.stack([p[m] for p in parts for m in methods]).mean(0)
         s = scores(mean, parts[0]["labels"], self.dataset.class_names)
         _write_json(path, {"cell": cid, "top1_err": s["top1_err"], "top5_err": s["top5_err"],
-                           "images": s["images"], "members": list(members), "methods": list(methods)})
+                           "images": s["images"], "members": list(members),
+                           "methods": list(methods)})
         self.log(f"[{cid}] top-1 {s['top1_err']:.2f}%, top-5 {s['top5_err']:.2f}%")
 
     # --- the whole thing ---
@@ -482,11 +512,12 @@ class Study:
             f"({os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), device "
             f"{self.s.device})",
         ]
-        rows = ["", "## Training runs", "", "| net | epochs | status | minutes | best val. top-1 / top-5 "
-                "(centre crop) |", "|---|---|---|---|---|"]
+        rows = ["", "## Training runs", "", "| net | epochs | status | minutes | best val. "
+                "top-1 / top-5 (centre crop) |", "|---|---|---|---|---|"]
         rows += [f"| {t['net']} | {t['epochs']} | {t['status']} | {t['seconds'] / 60:.1f} | "
                  f"{t['best_top1_err']:.1f} / {t['best_top5_err']:.1f} |" for t in trained]
-        text = render(cells, title_lines=title, factor=self.crop / PAPER_CROP) + "\n".join(rows) + "\n"
+        text = (render(cells, title_lines=title, factor=self.crop / PAPER_CROP)
+                + "\n".join(rows) + "\n")
         (self.out / "report.md").write_text(text)
         _write_json(self.out / "timing.json", {"training_s": train_s, "evaluation_s": eval_s,
                                                "invocation_s": time.perf_counter() - t0})

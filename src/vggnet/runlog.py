@@ -64,7 +64,7 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
         for key in ("lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
                     "val_top5_err", "images_per_s"):
-            group = "train" if key.startswith("train") else "val" if key.startswith("val") else "run"
+            group = next((g for g in ("train", "val") if key.startswith(g)), "run")
             self.tb.add_scalar(f"{group}/{key.split('_', 1)[1] if group != 'run' else key}",
                                row[key], row["epoch"])
         self.tb.flush()

@@ -270,7 +270,8 @@ class InfoSettings:
 
     def __post_init__(self) -> None:
         if self.size is not None and len(self.size) != 2:
-            raise ValueError(f"--size takes H,W (two integers), got {','.join(map(str, self.size))}")
+            given = ",".join(map(str, self.size))
+            raise ValueError(f"--size takes H,W (two integers), got {given}")
 
 
 # --- evaluation and the study -----------------------------------------------------------------

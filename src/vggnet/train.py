@@ -522,7 +522,7 @@ def start(s: TrainSettings, ckpt: dict | None, checked: Checked,
     return run, state
 
 
-# --- the loop ---------------------------------------------------------------------------------------
+# --- the loop -----------------------------------------------------------------------------------
 def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
     """One SGD step on the next global batch, its sums added to the epoch's; a non-finite one
     is skipped (``max_skips`` in a row halt the run). Returns the images it learnt from."""

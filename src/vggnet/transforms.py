@@ -30,7 +30,8 @@ from .preprocess import Preprocessing
 PCA_STD = 0.1  # AlexNet: alpha ~ N(0, 0.1) per principal component, per image
 
 
-def _window(length: int, span: float, rescaled: int, start: int, size: int) -> tuple[int, int, int, float]:
+def _window(length: int, span: float, rescaled: int, start: int,
+            size: int) -> tuple[int, int, int, float]:
     """One axis of ``crop_resized``: the source pixels [a, b) to resample (of ``length``), the
     output offset k of the window in their resampling, and the scale (source pixels per output
     pixel: ``span``, the image's extent in source pixels, over ``rescaled`` output pixels)."""
@@ -106,11 +107,14 @@ def resample_aa(src: torch.Tensor, size: tuple[int, int], sy: float, sx: float,
             pass
     # F.interpolate's output size is floor(in / scale); where that falls short of ``size``
     # (the window's far edge, by rounding), edge pixels are repeated to make room
-    short = (max(0, math.ceil(size[0] * sy) - src.shape[2]), max(0, math.ceil(size[1] * sx) - src.shape[3]))
+    short = (max(0, math.ceil(size[0] * sy) - src.shape[2]),
+             max(0, math.ceil(size[1] * sx) - src.shape[3]))
     if any(short):
-        src = torch.nn.functional.pad(src.float(), (0, short[1], 0, short[0]), mode="replicate").to(torch.uint8)
-    out = torch.nn.functional.interpolate(src, scale_factor=(1 / sy, 1 / sx), mode="bilinear", antialias=True,
-                                          align_corners=False, recompute_scale_factor=False)
+        src = torch.nn.functional.pad(src.float(), (0, short[1], 0, short[0]),
+                                      mode="replicate").to(torch.uint8)
+    out = torch.nn.functional.interpolate(src, scale_factor=(1 / sy, 1 / sx), mode="bilinear",
+                                          antialias=True, align_corners=False,
+                                          recompute_scale_factor=False)
     return out[:, :, : size[0], : size[1]]
 
 
@@ -150,7 +154,8 @@ class TrainTransform:
         y0 = min(int(choice["v"] * (rh - c + 1)), rh - c)
         return crop_resized(decoded, s, (x0, y0, x0 + c, y0 + c), choice["flip"])
 
-    def __call__(self, path: str | os.PathLike, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, path: str | os.PathLike,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         choice = self.draw(rng)
         return self.apply(path, choice), choice["alpha"]
 
@@ -214,7 +219,8 @@ class ColorStats:
         try:
             mean, val, vec = d["mean_rgb"], d["eigval"], d["eigvec"]
         except KeyError as e:
-            raise ValueError(f"colour statistics need mean_rgb, eigval and eigvec; missing {e}") from None
+            raise ValueError(f"colour statistics need mean_rgb, eigval and eigvec; missing "
+                             f"{e}") from None
         if len(mean) != 3 or len(val) != 3 or np.asarray(vec).shape != (3, 3):
             raise ValueError(f"colour statistics need 3 means, 3 eigenvalues and a 3x3 eigenvector "
                              f"matrix, got {mean!r}, {val!r}, {vec!r}")
@@ -247,7 +253,8 @@ def compute_stats(paths: Sequence[str], shorter: int = 256, max_images: int = 10
     picked = [paths[int(i * step)] for i in range(min(len(paths), max_images or len(paths)))]
     # Pillow and torch release the GIL while decoding and resizing: threads scale on every core
     with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
-        moments = [m for m in pool.map(lambda p: _image_moments(p, shorter), picked) if m is not None]
+        moments = [m for m in pool.map(lambda p: _image_moments(p, shorter), picked)
+                   if m is not None]
     if not moments:
         raise ValueError(f"none of the {len(picked)} training images read for the colour "
                          "statistics could be decoded; run `vggnet data check` on the dataset")
@@ -269,7 +276,8 @@ def color_shift(alpha: torch.Tensor, stats: ColorStats) -> torch.Tensor:
 
 
 def device_batch(images: torch.Tensor, prep: Preprocessing, dtype: torch.dtype = torch.float32,
-                 alpha: torch.Tensor | None = None, stats: ColorStats | None = None) -> torch.Tensor:
+                 alpha: torch.Tensor | None = None,
+                 stats: ColorStats | None = None) -> torch.Tensor:
     """uint8 RGB (N, 3, H, W) on the device -> model input: the colour shift (training, when
     ``alpha`` (N, 3) is given) added to the pixels, then ``prep`` (mean-RGB subtraction)."""
     if alpha is None:
@@ -277,4 +285,4 @@ def device_batch(images: torch.Tensor, prep: Preprocessing, dtype: torch.dtype =
     if stats is None:
         raise ValueError("a colour shift needs the dataset's ColorStats (eigval, eigvec)")
     shifted = images.float() + color_shift(alpha, stats).view(-1, 3, 1, 1)
-    return prep.normalize(shifted, dtype)  # normalize is affine, so it applies to shifted pixels too
+    return prep.normalize(shifted, dtype)  # normalize is affine: it applies to shifted pixels
