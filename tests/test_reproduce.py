@@ -57,7 +57,7 @@ def test_findings_judge_each_direction():
 def test_report_lays_out_tables_beside_the_paper():
     cells = _paper_cells(**{"D@jit__multi__dense": 11.25})
     cells.pop("7 nets/multi/dense")
-    text = rp.render(cells, title_lines=["Preset: reduced"], factor=64 / 224)
+    text = rp.render_report(cells, title_lines=["Preset: reduced"], factor=64 / 224)
     for n in (3, 4, 5, 6):
         assert f"### Table {n}:" in text
     assert "| A | 256 (here 73) | 256 (here 73) | **29.6** | 29.6 | **10.4** | 10.4 |" in text
@@ -67,7 +67,7 @@ def test_report_lays_out_tables_beside_the_paper():
     assert "(E/384/352,384,416) | not run | 24.7 | not run | 7.5 |" in text
     assert "| multi-crop & dense | **24.4** | 24.4 | **7.1** | 7.1 |" in text
     assert "standard error of about 0.2 points" in text
-    full = rp.render(_paper_cells(), title_lines=[])
+    full = rp.render_report(_paper_cells(), title_lines=[])
     assert "(here" not in full and "| B | 256 | 224,256,288 | **28.2** | 28.2 |" in full
 
 

@@ -122,7 +122,9 @@ def _argument(parser, groups: dict, f: dataclasses.Field, hint, dest: str, flag:
         kw["metavar"] = m.get("metavar") or (None if kw["choices"] else flag.upper())
     target = parser
     if m.get("group"):
-        target = groups.setdefault(m["group"], parser.add_argument_group(m["group"]))
+        if m["group"] not in groups:
+            groups[m["group"]] = parser.add_argument_group(m["group"])
+        target = groups[m["group"]]
     if m.get("positional"):
         nargs = None if m["positional"] is True else m["positional"]
         target.add_argument(dest, nargs=nargs, **kw)

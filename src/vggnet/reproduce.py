@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write
+from .model import ARCHS
 from .protocol import PAPER_CROP, TRAIN_SCALES, train_scale
 from .settings import StudySettings, make_settings
 
 # --- what the paper trained and measured ------------------------------------------------------
-ARCHS = ("A", "A-LRN", "B", "C", "D", "E")
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ def standard_error(cells: Cells) -> float | None:
     return 100 * math.sqrt(p * (1 - p) / min(ns))
 
 
-def render(cells: Cells, *, title_lines: list[str], factor: float = 1.0) -> str:
+def render_report(cells: Cells, *, title_lines: list[str], factor: float = 1.0) -> str:
     """The whole Markdown report."""
     lines = ["# Reproducing Simonyan & Zisserman (ICLR 2015), Tables 3-6", "", *title_lines, "",
              "Errors in %: **this run's**, each beside the paper's (ILSVRC-2012 validation set). "
@@ -516,7 +516,7 @@ class Study:
                 "top-1 / top-5 (centre crop) |", "|---|---|---|---|---|"]
         rows += [f"| {t['net']} | {t['epochs']} | {t['status']} | {t['seconds'] / 60:.1f} | "
                  f"{t['best_top1_err']:.1f} / {t['best_top5_err']:.1f} |" for t in trained]
-        text = (render(cells, title_lines=title, factor=self.crop / PAPER_CROP)
+        text = (render_report(cells, title_lines=title, factor=self.crop / PAPER_CROP)
                 + "\n".join(rows) + "\n")
         (self.out / "report.md").write_text(text)
         _write_json(self.out / "timing.json", {"training_s": train_s, "evaluation_s": eval_s,

@@ -27,12 +27,14 @@ RESUMABLE = ("workers", "progress", "device", "precision", "channels_last", "com
 MODEL_HELP = "A, A-LRN, B, C, D, E or vgg11, vgg13, vgg16, vgg19 (each also with _bn)"
 
 
-def device_option(default: str = "auto"):
-    return option(default, "auto (a GPU if there is one), cpu, cuda, cuda:N")
+# the options several commands share, made by one function each (a dataclass field can only
+# belong to one class)
+def device_option():
+    return option("auto", "auto (a GPU if there is one), cpu, cuda, cuda:N")
 
 
-def precision_option(default: str | None = "auto"):
-    return option(default, "auto: bf16 on GPUs and on CPUs with native bf16 (docs/benchmarks.md),"
+def precision_option():
+    return option("auto", "auto: bf16 on GPUs and on CPUs with native bf16 (docs/benchmarks.md),"
                   " else fp32; fp32 for full float32 numbers", choices=PRECISIONS)
 
 
