@@ -483,8 +483,8 @@ class TrainState:
                 "best_top5_err": self.best_top5_err}
 
 
-def start(s: TrainSettings, ckpt: dict | None, checked: Checked,
-          log: RunLog) -> tuple[Run, TrainState]:
+def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
+              log: RunLog) -> tuple[Run, TrainState]:
     """The model (initialised, or from ``--init-from``), the colour statistics (the
     checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
     dataset, info = checked.dataset, checked.info
@@ -656,7 +656,7 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
     status = "finished"
     with distributed.leave_group_after():
         try:
-            run, state = start(s, ckpt, checked, log)
+            run, state = start_run(s, ckpt, checked, log)
             log.message(run.describe())
             log.saved_at = time.perf_counter()
             with StopRequest() as stop:
