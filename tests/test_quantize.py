@@ -40,3 +40,40 @@ def test_int8_refuses_bad_calibration():
         quantize_int8(m, [torch.randn(2, 3, 64, 64)])
     with pytest.raises(ValueError, match="quantized engine 'nope'"):
         quantize_int8(m, [torch.randn(2, 3, 32, 32)], backend="nope")
+
+
+def test_first_and_last_layers_stay_float_and_names_are_checked():
+    m = _net("B", True)
+    g = torch.Generator().manual_seed(0)
+    q = quantize_int8(m, [torch.randn(16, 3, 32, 32, generator=g)])
+    modules = dict(q.named_modules())
+    # fused conv1_1 + bn1_1 + relu1_1 stays a float module; conv1_2 is int8
+    assert not type(modules["features.conv1_1"]).__module__.startswith("torch.ao.nn.quantized")
+    assert type(modules["features.conv1_2"]).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    assert isinstance(modules["classifier.fc8"], torch.nn.Linear)
+    assert type(modules["classifier.fc7"]).__module__.startswith("torch.ao.nn.")
+    every = quantize_int8(m, [torch.randn(16, 3, 32, 32, generator=g)], float_layers=())
+    assert type(dict(every.named_modules())["classifier.fc8"]).__module__.startswith("torch.ao.nn.")
+    with pytest.raises(ValueError, match=r"float_layers \['fc9'\] are not layers of this VGG B"):
+        quantize_int8(m, [torch.randn(2, 3, 32, 32)], float_layers=("conv1_1", "fc9"))
+
+
+def test_full_range_activations_only_with_vnni(monkeypatch):
+    from vggnet import quantize
+
+    m = _net("A", False)
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+
+    for vnni, reduced in ((True, False), (False, True)):
+        monkeypatch.setattr(quantize, "has_vnni", lambda v=vnni: v)
+        seen = {}
+        real = quantize._quantize
+
+        def spy(model, calibration, backend, float_layers, reduce_range):
+            seen["reduce_range"] = reduce_range
+            return real(model, calibration, backend, float_layers, reduce_range)
+
+        monkeypatch.setattr(quantize, "_quantize", spy)
+        quantize.quantize_int8(m, calib)
+        assert seen["reduce_range"] is reduced
+        monkeypatch.setattr(quantize, "_quantize", real)
