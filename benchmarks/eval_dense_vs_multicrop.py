@@ -44,7 +44,8 @@ def main() -> None:
     print(f"VGG {args.arch} width {args.width:g}, crop {args.crop}, Q={{{args.scales}}}, flips, "
           f"{args.images} images of 500x375/375x500, {rt.device} {rt.amp_dtype or torch.float32}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"dense multi-scale        : {r['dense']:8.2f} images/s  (2 x {len(r['scales'])} passes per image)")
+    print(f"dense multi-scale        : {r['dense']:8.2f} images/s  "
+          f"(2 x {len(r['scales'])} passes per image)")
     print(f"multi-crop ({len(r['scales']) * 50} crops)   : {r['multicrop']:8.2f} images/s")
     print(f"dense / multi-crop speed : {r['dense'] / r['multicrop']:.2f}x  (target >= 5x)")
     print(f"multiply-adds per 4:3 image: dense {r['dense_macs'] / 1e9:.1f} G, multi-crop "

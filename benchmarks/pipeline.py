@@ -21,9 +21,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)  # one loader worker
     r = measure(a.images, a.repeat, a.batch)
-    print(f"{a.images} JPEGs, 500x375 / 375x500, {r['kb']:.0f} kB on average; one process, one thread; "
-          f"best of {a.repeat}\n")
-    print(f"{'setting':<26} {'decode':>9} {'plain':>9} {'ours':>9} {'ours/plain':>11} {'ours/decode':>12}")
+    print(f"{a.images} JPEGs, 500x375 / 375x500, {r['kb']:.0f} kB on average; one process, "
+          f"one thread; best of {a.repeat}\n")
+    print(f"{'setting':<26} {'decode':>9} {'plain':>9} {'ours':>9} {'ours/plain':>11} "
+          f"{'ours/decode':>12}")
     dec = r["decode"]
     for name, (pl, ours) in r["settings"].items():
         print(f"{name:<26} {dec:>7.0f}/s {pl:>7.0f}/s {ours:>7.0f}/s {ours / pl:>10.2f}x "

@@ -9,7 +9,8 @@ pytestmark = pytest.mark.cpu_sensitive
 
 
 def _net(arch, bn):
-    return vggnet.create_model(arch, num_classes=5, width=1 / 16, crop_size=32, batch_norm=bn, seed=0).eval()
+    return vggnet.create_model(arch, num_classes=5, width=1 / 16, crop_size=32, batch_norm=bn,
+                               seed=0).eval()
 
 
 @pytest.mark.parametrize("arch,bn", [("B", True), ("A-LRN", False)])
@@ -49,7 +50,8 @@ def test_first_and_last_layers_stay_float_and_names_are_checked():
     modules = dict(q.named_modules())
     # fused conv1_1 + bn1_1 + relu1_1 stays a float module; conv1_2 is int8
     assert not type(modules["features.conv1_1"]).__module__.startswith("torch.ao.nn.quantized")
-    assert type(modules["features.conv1_2"]).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    assert type(modules["features.conv1_2"]).__module__.startswith(
+        "torch.ao.nn.intrinsic.quantized")
     assert isinstance(modules["classifier.fc8"], torch.nn.Linear)
     assert type(modules["classifier.fc7"]).__module__.startswith("torch.ao.nn.")
     every = quantize_int8(m, [torch.randn(16, 3, 32, 32, generator=g)], float_layers=())

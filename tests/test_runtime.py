@@ -11,7 +11,8 @@ pytestmark = pytest.mark.cpu_sensitive
 def test_cpu_runtime_runs_a_model():
     rt = make_runtime("cpu", "bf16", channels_last=True)
     assert rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16 and not rt.needs_grad_scaler
-    m = rt.prepare(vggnet.create_model("A", num_classes=3, width=0.0625, crop_size=32, seed=0).eval())
+    m = vggnet.create_model("A", num_classes=3, width=0.0625, crop_size=32, seed=0).eval()
+    m = rt.prepare(m)
     with torch.no_grad(), rt.autocast():
         out = m(rt.input(torch.randn(2, 3, 32, 32)))
     assert out.shape == (2, 3) and out.dtype == torch.bfloat16
@@ -50,7 +51,8 @@ def test_maxpool2x2_is_max_pool2d(h, w):
 
 
 def _net(name, classes=5):
-    model = vggnet.create_model(name, num_classes=classes, width=0.0625, crop_size=32, seed=0).eval()
+    model = vggnet.create_model(name, num_classes=classes, width=0.0625, crop_size=32, seed=0)
+    model.eval()
     for m in model.modules():  # non-trivial batch-norm statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -168,8 +170,10 @@ def test_fold_batch_norm_is_the_same_function():
 AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
-@pytest.mark.skipif(not torch.cpu.get_capabilities().get("avx2") if hasattr(torch.cpu, "get_capabilities")
-                    else True, reason="the AVX2 cap needs an x86 CPU with AVX2")
+HAS_AVX2 = hasattr(torch.cpu, "get_capabilities") and torch.cpu.get_capabilities().get("avx2")
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the AVX2 cap needs an x86 CPU with AVX2")
 def test_avx2_cap_takes_effect_and_turns_native_bf16_off():
     # what `make test`'s second pass relies on: with the cap, oneDNN runs AVX2 kernels
     # (ONEDNN_VERBOSE names them), ATen dispatches AVX2, and bf16 is not the default
@@ -178,10 +182,12 @@ def test_avx2_cap_takes_effect_and_turns_native_bf16_off():
     import sys
 
     code = ("import torch; from vggnet.runtime import cpu_has_native_bf16, make_runtime\n"
-            "c = torch.nn.Conv2d(64, 64, 3, padding=1); c(torch.randn(2, 64, 56, 56))  # big enough for oneDNN\n"
+            "c = torch.nn.Conv2d(64, 64, 3, padding=1)\n"
+            "c(torch.randn(2, 64, 56, 56))  # big enough for oneDNN\n"
             "print('ATEN', torch.backends.cpu.get_cpu_capability())\n"
             "print('NATIVE', cpu_has_native_bf16(), make_runtime('cpu').precision)\n")
-    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, check=True, env={**os.environ, **AVX2_CAP, "ONEDNN_VERBOSE": "1"}).stdout
+    env = {**os.environ, **AVX2_CAP, "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, check=True, env=env).stdout
     assert "isa:Intel AVX2" in out and "convolution,jit:avx2" in out
     assert "ATEN AVX2" in out and "NATIVE False fp32" in out

@@ -187,7 +187,8 @@ def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, repeats: int) 
 # --- models -------------------------------------------------------------------------------
 def _config(s: Settings, num_classes: int = 1000, width: float | None = None,
             crop: int | None = None) -> VGGConfig:
-    return VGGConfig(arch=s.arch, num_classes=num_classes, width=s.width if width is None else width,
+    return VGGConfig(arch=s.arch, num_classes=num_classes,
+                     width=s.width if width is None else width,
                      crop_size=s.crop if crop is None else crop)
 
 
@@ -291,12 +292,14 @@ def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: 
     flops = 3 * forward_flops(cfg) * batch  # forward + two backward products per layer
     shown = sorted({round(i * (len(diffs) - 1) / 7) for i in range(8)})  # at most 8 steps
     curve = ", ".join(f"{i}: {losses['ours'][i]:.4f}/{losses['baseline'][i]:.4f}" for i in shown)
+    rel = 100 * max(d / b for d, b in zip(diffs, losses["baseline"], strict=True))
     return Result(f"training step {_label(cfg)} batch {batch}", "img/s", batch / t["ours"],
-                  batch / t["baseline"], target=">= 1.8x, loss within 0.5% of float32 at every step",
+                  batch / t["baseline"],
+                  target=">= 1.8x, loss within 0.5% of float32 at every step",
                   gflops=flops / t["ours"] / 1e9, peak=peak.flops / t["peak"] / 1e9,
                   notes=[f"loss ours/float32 at step {curve} (step 0: the warm-up)",
                          f"max |loss difference| {max(diffs):.4f} "
-                         f"({100 * max(d / b for d, b in zip(diffs, losses['baseline'], strict=True)):.2f}%)"])
+                         f"({rel:.2f}%)"])
 
 
 # --- item 1b: agreement on a trained model ---------------------------------------------------
@@ -423,12 +426,14 @@ def bench_int8(s: Settings, rt: Runtime, batch: int) -> Result:
                 return model(inp)
         return fn
 
-    t = interleaved({"int8": run(int8, x), "baseline": run(base, x), "ours": run(ours, xo, rt.inference)},
+    t = interleaved({"int8": run(int8, x), "baseline": run(base, x),
+                     "ours": run(ours, xo, rt.inference)},
                     s.repeats, torch.device("cpu"))
     return Result(f"inference int8 {_label(cfg)} batch {batch} (quantize_int8, a flag)", "img/s",
                   batch / t["int8"], batch / t["baseline"], target="report",
-                  notes=[f"the default path ({rt.describe()}) alongside: {batch / t['ours']:.3g} img/s, "
-                         f"so int8 is {t['ours'] / t['int8']:.2f}x it; its accuracy cost: the int8 agreement item"])
+                  notes=[f"the default path ({rt.describe()}) alongside: "
+                         f"{batch / t['ours']:.3g} img/s, so int8 is {t['ours'] / t['int8']:.2f}x "
+                         "it; its accuracy cost: the int8 agreement item"])
 
 
 # --- items 3 and 4: the input pipeline and dense evaluation ---------------------------------
@@ -516,7 +521,8 @@ def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -
         for i in range(2):
             train_step(model, opt, run_rt, run_rt.input(x), y, seed=i)
     if rt.device.type == "cuda":
-        return {"peak_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20, "what": "GPU allocated",
+        return {"peak_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20,
+                "what": "GPU allocated",
                 "start_mib": 0.0}
     return {"peak_mib": peak_rss_mib(), "what": "RSS",
             "start_mib": start}
@@ -525,7 +531,8 @@ def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -
 def run_probes(probes: Sequence[tuple]) -> list[dict]:
     """Run ``memory_probe(*args)`` for each args tuple, each in its own fresh process, all at
     once (peak memory is per process, so running them side by side changes nothing but time)."""
-    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(args)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(args)],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in probes]
     results = []
     for args, proc in zip(probes, procs, strict=True):
@@ -561,7 +568,8 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"header": self.header,
-                "peaks": {k: {"gflops": p.gflops, "by": p.by, "all": p.all} for k, p in self.peaks.items()},
+                "peaks": {k: {"gflops": p.gflops, "by": p.by, "all": p.all}
+                          for k, p in self.peaks.items()},
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -569,7 +577,8 @@ def machine_line() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -654,7 +663,8 @@ def _item_memory(c: Context) -> Iterator[Result]:
 ITEM_RUNNERS: dict[str, Callable[[Context], Iterable[Result]]] = {
     "inference": _item_inference, "agreement": _item_agreement, "int8": _item_int8,
     "peers": _item_peers, "training": _item_training,
-    "pipeline": lambda c: bench_pipeline(c.s), "evaluation": lambda c: [bench_evaluation(c.s, c.rt)],
+    "pipeline": lambda c: bench_pipeline(c.s),
+    "evaluation": lambda c: [bench_evaluation(c.s, c.rt)],
     "memory": _item_memory}
 ITEMS = tuple(ITEM_RUNNERS)
 
@@ -669,8 +679,13 @@ def header_lines(s: Settings, rt: Runtime) -> list[str]:
 
 
 def measure_peaks(s: Settings, rt: Runtime, log: Callable[[str], None]) -> dict[str, Peak]:
+    """float32's matmul peak, and bf16's where it is native (a CPU without bf16 dot products
+    emulates it at a small fraction of float32's rate: minutes for one n=4096 product)."""
     peaks = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    bf16 = rt.device.type == "cuda" or cpu_has_native_bf16()
+    if not bf16:
+        log("matmul peak bfloat16: not measured, this CPU has no native bf16")
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
         p = matmul_peak(dtype, s.matmul_n, rt.device, s.repeats)
         peaks[p.dtype] = p
         alts = ", ".join(f"{k} {v:.0f}" for k, v in p.all.items())
@@ -714,7 +729,8 @@ def format_result(r: Result) -> str:
     if r.baseline is not None:
         line += f", baseline {fmt(r.baseline)} {r.unit}, ratio {r.ratio:.2f}x"
     if r.gflops is not None:
-        line += f"; ours {r.gflops:.0f} GFLOP/s = {100 * r.of_peak:.0f}% of the {r.peak:.0f} GFLOP/s matmul peak"
+        line += (f"; ours {r.gflops:.0f} GFLOP/s = {100 * r.of_peak:.0f}% of the {r.peak:.0f} "
+                 "GFLOP/s matmul peak")
     if r.target:
         line += f" [target {r.target}]"
     return "\n    ".join([line] + r.notes)

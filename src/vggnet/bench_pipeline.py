@@ -48,7 +48,8 @@ def make_jpegs(folder: Path, n: int) -> list[str]:
         size = (500, 375) if i % 4 else (375, 500)
         img = np.asarray(render(spec, "train", i)[0].resize(size, Image.BICUBIC), np.float32)
         grain = rng.normal(128, 16, (size[1] // 2, size[0] // 2, 3)).clip(0, 255).astype(np.uint8)
-        img = img + np.asarray(Image.fromarray(grain).resize(size, Image.BILINEAR), np.float32) - 128
+        grain = np.asarray(Image.fromarray(grain).resize(size, Image.BILINEAR), np.float32)
+        img = img + grain - 128
         p = folder / f"{i:04d}.jpg"
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(p, quality=95)
         paths.append(str(p))
@@ -111,7 +112,8 @@ def measure(images: int, repeat: int, batch: int, settings=SETTINGS) -> dict:
             t = TrainTransform(s_range, crop)
             ours = best_of(repeat, lambda p, rng, t=t: (*t(p, rng), []), paths, batch,
                            lambda items: collate([(i, 0, al, b) for i, al, b in items]))
-            pl = best_of(repeat, lambda p, rng, s=s_range, c=crop: plain(p, rng, s, c), paths, batch,
+            pl = best_of(repeat, lambda p, rng, s=s_range, c=crop: plain(p, rng, s, c), paths,
+                         batch,
                          torch.stack)
             results[name] = (pl, ours)
     return {"kb": kb, "decode": dec, "settings": results}

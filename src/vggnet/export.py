@@ -75,7 +75,7 @@ def onnx_graph(model: VGG, path: str | os.PathLike, dense: bool = False) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)  # not "torchvision is not installed, skipping nms" and the like
+    onnx_log.setLevel(logging.ERROR)  # not "torchvision is not installed, skipping nms" & co
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals
@@ -148,5 +148,6 @@ def export(loaded: LoadedModel, path: str | os.PathLike, fmt: str = "onnx", dens
         if diff > tolerance * max(1.0, float(np.abs(ref).max())):
             path.unlink()
             raise RuntimeError(f"exported {fmt} graph differs from PyTorch by {diff:.3g} on input "
-                               f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is not usable")
+                               f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is "
+                               "not usable")
     return ExportReport(path, diffs)

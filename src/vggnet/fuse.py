@@ -52,7 +52,8 @@ def is_plain_2x2_pool(m: nn.Module) -> bool:
             and not m.return_indices)
 
 
-def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) in float32 of conv followed by eval-mode ``bn``: the same function up to
     float rounding. weight (O, I, kh, kw) scaled per output channel by gamma / sqrt(var + eps)."""
     w = conv.weight.detach().float()
@@ -60,7 +61,8 @@ def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.T
     if bn is None:
         return w, b
     scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    return w * scale[:, None, None, None], (b - bn.running_mean.float()) * scale + bn.bias.detach().float()
+    shift = bn.bias.detach().float() - bn.running_mean.float() * scale
+    return w * scale[:, None, None, None], b * scale + shift
 
 
 class PackedConv2d(nn.Module):
@@ -128,12 +130,15 @@ def packing_works(dtype: torch.dtype) -> str | None:
     try:
         with torch.no_grad():
             got = PackedConv2d(conv, None, True, dtype, (2, 16, 12, 10))(x).float()
-            ref = F.relu(F.conv2d(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), padding=1))
+            ref = F.relu(F.conv2d(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype),
+                                  padding=1))
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         return f"torch.ops.mkldnn convolution refused {dtype}: {str(e).splitlines()[0][:120]}"
     err = ((got - ref.float()).norm() / ref.float().norm()).item()
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    return None if err <= tol else f"packed convolution differs from F.conv2d by {err:.2e} ({dtype})"
+    if err <= tol:
+        return None
+    return f"packed convolution differs from F.conv2d by {err:.2e} ({dtype})"
 
 
 def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: tuple[int, ...],
@@ -161,7 +166,8 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
         if not isinstance(m, nn.Conv2d):
             continue
         nxt = [mod for _, mod in layers[i + 1: i + 3]]
-        bn = nxt[0] if nxt and isinstance(nxt[0], nn.BatchNorm2d) and not keep_layer_outputs else None
+        fold = nxt and isinstance(nxt[0], nn.BatchNorm2d) and not keep_layer_outputs
+        bn = nxt[0] if fold else None
         after = nxt[1 if bn is not None else 0] if len(nxt) > (bn is not None) else None
         relu = isinstance(after, nn.ReLU) and not keep_layer_outputs
         setattr(features, name, PackedConv2d(m, bn, relu, dtype, (n, m.in_channels, h, w)))

@@ -39,7 +39,8 @@ def pick_device(name: str = "auto") -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use 'cpu' or 'auto'")
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use 'cpu' "
+                         "or 'auto'")
     return dev
 
 
@@ -88,7 +89,8 @@ class Runtime:
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. "cpu bf16 channels_last"."""
-        parts = [str(self.device), self.precision, "channels_last" if self.channels_last else "NCHW"]
+        layout = "channels_last" if self.channels_last else "NCHW"
+        parts = [str(self.device), self.precision, layout]
         return " ".join(parts + (["compiled"] if self.compile else []))
 
     def autocast(self):
