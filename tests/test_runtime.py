@@ -82,10 +82,10 @@ def test_prepare_inference_matches_float32(name):
         assert isinstance(conv, PackedConv2d) and conv.dtype == torch.bfloat16 and conv.relu
         assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.ReLU)) for m in fast.features)
         assert set(fast.state_dict()) == set(keys)  # the same keys: it can still be saved
-        assert "laid out once with batch norm folded" in fast.inference_notes[-1]
+        assert "laid out once with batch norm folded" in fast.inference_notes[0]
     else:  # where oneDNN refuses bf16 (an AVX2-only CPU): the plain layers, and why
         assert isinstance(conv, torch.nn.Conv2d) and conv.weight.dtype == torch.bfloat16
-        assert "left unpacked" in fast.inference_notes[-1]
+        assert "left unpacked" in fast.inference_notes[0]
     with rt.inference():
         out, dense = fast(rt.input(x[..., :32, :32])), fast.forward_dense(rt.input(x))
     assert out.dtype == torch.bfloat16 and dense.shape == ref_dense.shape == (3, 5, 2, 3)
@@ -146,8 +146,8 @@ def test_private_conv_ops_missing_fall_back_to_eager(monkeypatch):
         rt = make_runtime("cpu", "fp32")
         fast = rt.prepare_inference(model)
         assert isinstance(fast.features.conv1_1, torch.nn.Conv2d)
-        assert "left unpacked (torch.ops.mkldnn convolution refused" in fast.inference_notes[-1]
-        assert "not supported here" in fast.inference_notes[-1]
+        assert "left unpacked (torch.ops.mkldnn convolution refused" in fast.inference_notes[0]
+        assert "not supported here" in fast.inference_notes[0]
         with rt.inference():
             torch.testing.assert_close(fast(rt.input(x)), ref)
     finally:
@@ -191,3 +191,22 @@ def test_avx2_cap_takes_effect_and_turns_native_bf16_off():
                          stderr=subprocess.STDOUT, text=True, check=True, env=env).stdout
     assert "isa:Intel AVX2" in out and "convolution,jit:avx2" in out
     assert "ATEN AVX2" in out and "NATIVE False fp32" in out
+
+
+def test_keep_freed_memory_says_what_it_did(monkeypatch):
+    import platform
+
+    from vggnet import fuse
+
+    fuse.keep_freed_memory.cache_clear()
+    monkeypatch.setenv("VGGNET_KEEP_FREED_MEMORY", "0")
+    assert fuse.keep_freed_memory() == "malloc left as it is (VGGNET_KEEP_FREED_MEMORY=0)"
+    fuse.keep_freed_memory.cache_clear()
+    monkeypatch.delenv("VGGNET_KEEP_FREED_MEMORY")
+    note = fuse.keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert note == "malloc keeps freed memory for reuse (no fresh pages per pass)"
+    else:
+        assert note.startswith("malloc left as it is")
+    fast = make_runtime("cpu", "fp32").prepare_inference(_net("A"))
+    assert fast.inference_notes[-1] == note

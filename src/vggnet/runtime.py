@@ -133,7 +133,8 @@ class Runtime:
         (``fuse.fuse_for_inference``): convolutions on oneDNN weights laid out once for
         ``batch`` crops, batch norm folded and ReLU fused into them (unless
         ``keep_layer_outputs``: then every layer's output stays what ``VGG.extract`` documents),
-        and 2x2 max-pools as ``MaxPool2x2``. What was done is in ``model.inference_notes``.
+        and 2x2 max-pools as ``MaxPool2x2``; and asks malloc to keep freed memory for reuse
+        (``fuse.keep_freed_memory``). What was done is in ``model.inference_notes``.
         Call it inside ``rt.autocast()`` / ``rt.inference()`` like any other model. Changes
         the model in place: pass ``copy.deepcopy(model)`` to keep the original for training.
         """
@@ -146,11 +147,12 @@ class Runtime:
             model = model.to(memory_format=torch.channels_last)
         features, config = getattr(model, "features", None), getattr(model, "config", None)
         if self.device.type == "cpu" and isinstance(features, nn.Sequential) and config:
-            from .fuse import fuse_for_inference
+            from .fuse import fuse_for_inference, keep_freed_memory
 
             size = (batch, config.in_channels, config.crop_size, config.crop_size)
             model.inference_notes = fuse_for_inference(
                 features, self.amp_dtype or torch.float32, size, keep_layer_outputs)
+            model.inference_notes.append(keep_freed_memory())
         if not self.compile:
             return model
         # freezing lets inductor constant-fold the weights: prepacked oneDNN weights and
