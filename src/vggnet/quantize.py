@@ -131,12 +131,15 @@ class Int8VGG(nn.Module):
     """The converted graph, fed channels_last input (the int8 convolutions' own layout: NCHW
     input is reordered by every one of them), its float first conv on oneDNN weights laid
     out once with ReLU fused where ``fuse.packing_works`` (an eager NCHW float32 conv1_1 cost
-    a third of the int8 net's time; measured in docs/benchmarks.md)."""
+    a third of the int8 net's time; measured in docs/benchmarks.md); malloc keeps freed
+    memory (``fuse.keep_freed_memory``) as for the default path."""
 
     def __init__(self, graph: nn.Module, input_size: tuple[int, int, int, int]) -> None:
         super().__init__()
         self.graph = graph
-        from .fuse import PackedConv2d, packing_works
+        from .fuse import PackedConv2d, keep_freed_memory, packing_works
+
+        keep_freed_memory()  # as prepare_inference does: no fresh pages for each pass
 
         first = getattr(graph.features, "conv1_1", None)
         conv, relu = (first[0], True) if isinstance(first, nn.Sequential) else (first, False)
