@@ -210,3 +210,22 @@ def test_keep_freed_memory_says_what_it_did(monkeypatch):
         assert note.startswith("malloc left as it is")
     fast = make_runtime("cpu", "fp32").prepare_inference(_net("A"))
     assert fast.inference_notes[-1] == note
+
+
+def test_packed_conv_lays_weights_out_per_shape_and_keeps_the_latest():
+    from vggnet.fuse import PackedConv2d, packing_works
+
+    if packing_works(torch.float32) is not None:
+        pytest.skip(packing_works(torch.float32))
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    packed = PackedConv2d(conv, None, True, torch.float32, (2, 8, 12, 12))
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 8, 12, 12), (2, 8, 12, 12), (3, 8, 9, 11), (1, 8, 20, 16), (4, 8, 12, 12),
+              (1, 8, 12, 12)]
+    for shape in shapes:
+        x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = torch.relu(conv(x))
+            torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
+    # the SHAPES (4) most recently used, oldest first
+    assert list(packed._packed) == [(3, 8, 9, 11), (1, 8, 20, 16), (4, 8, 12, 12), (1, 8, 12, 12)]

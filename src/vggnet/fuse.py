@@ -16,6 +16,7 @@ leaves the layers as they are (the plain eager path) and says why in its returne
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +67,20 @@ def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None
 
 
 class PackedConv2d(nn.Module):
-    """Conv2d (+ folded batch norm) (+ ReLU) as one oneDNN call on weights reordered once.
+    """Conv2d (+ folded batch norm) (+ ReLU) as one oneDNN call on weights reordered once per
+    input shape.
 
-    ``input_size``: the (N, C, H, W) the weights are laid out for; other sizes still run
-    (oneDNN picks its kernel per call), the layout is only tuned for that one. Input in any
-    float dtype is cast to ``dtype`` (what autocast would do); output is ``dtype``. The conv's
-    own ``weight`` and ``bias`` stay registered, so the model's state_dict keeps its keys and
-    values; changing them later does not change the packed copy.
+    oneDNN picks its kernel, and with it the weight layout, per input shape (N, C, H, W); a
+    weight laid out for another shape is reordered again on every call (measured under the
+    AVX2 cap: VGG-16's 512x512 convs laid out for batch 8 and run at batch 1 spent 87 ms a
+    call reordering). So the layout is kept per shape, for the ``SHAPES`` most recently seen
+    (dense evaluation meets a new size per image size; a miss costs one reorder, as before).
+    Input in any float dtype is cast to ``dtype`` (what autocast would do); output is
+    ``dtype``. The conv's own ``weight`` and ``bias`` stay registered, so the model's
+    state_dict keeps its keys and values; changing them later does not change the packing.
     """
+
+    SHAPES = 4
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, dtype: torch.dtype,
                  input_size: tuple[int, int, int, int]) -> None:
@@ -86,16 +93,26 @@ class PackedConv2d(nn.Module):
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         # plain attributes, not buffers: .to(), channels_last or a state_dict must never touch
-        # the packed weight, whose (O, I, kh, kw) shape hides oneDNN's blocked layout
-        self._bias = bias.to(dtype)
-        self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight.to(dtype).contiguous(), self.padding, self.stride, self.dilation, self.groups,
-            list(input_size))
+        # the packed weights, whose (O, I, kh, kw) shape hides oneDNN's blocked layout
+        self._weight, self._bias = weight.to(dtype).contiguous(), bias.to(dtype)
+        self._packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.packed_for(tuple(input_size))
+
+    def packed_for(self, size: tuple[int, ...]) -> torch.Tensor:
+        """The weights laid out for input ``size`` (N, C, H, W), made on first use."""
+        if size in self._packed:
+            self._packed.move_to_end(size)
+            return self._packed[size]
+        self._packed[size] = torch.ops.mkldnn._reorder_convolution_weight(
+            self._weight, self.padding, self.stride, self.dilation, self.groups, list(size))
+        if len(self._packed) > self.SHAPES:
+            self._packed.popitem(last=False)
+        return self._packed[size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(
-            x.to(self.dtype), self._packed, self._bias, self.padding, self.stride,
-            self.dilation, self.groups, "relu" if self.relu else "none", [], "")
+            x.to(self.dtype), self.packed_for(tuple(x.shape)), self._bias, self.padding,
+            self.stride, self.dilation, self.groups, "relu" if self.relu else "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"{tuple(self.weight.shape)}, {self.dtype}" + (", batch norm folded" * self.folded)
