@@ -22,29 +22,45 @@ def graphs(net):
         yield g
 
 
-def _calibration():
+def check_engine(name, dense):
+    """Every precision of ``name`` on the classifier or dense graph matches PyTorch float32."""
+    net = vggnet.create_model("vgg11_bn", num_classes=4, width=1 / 16, crop_size=32, seed=0).eval()
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    calibration = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    with Graphs(net) as graphs:
+        for precision in engines.precisions(name):
+            if precision == "int8" and dense:
+                continue
+            e = open_engine(net, name, precision, dense,
+                            calibration if precision == "int8" else None, graphs)
+            x = torch.randn(3, 3, 64, 96) if dense else torch.randn(5, 3, 32, 32)
+            with torch.no_grad():
+                ref = net.forward_dense(x) if dense else net(x)
+            out = e(x)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            rel = ((out - ref).norm() / ref.norm()).item()
+            tol = engines.TOLERANCE[precision]
+            assert rel <= tol and e.difference <= tol, (precision, rel, e.difference)
+            if precision == "fp32":
+                assert rel < 1e-4
 
 
 @pytest.mark.parametrize("name", engines.ENGINES)
 @pytest.mark.parametrize("dense", [False, True])
-def test_engines_match_pytorch(net, graphs, name, dense):
+def test_engines_match_pytorch(name, dense):
     pytest.importorskip(name)
-    for precision in engines.precisions(name):
-        if precision == "int8" and dense:
-            continue
-        calib = _calibration() if precision == "int8" else None
-        e = open_engine(net, name, precision, dense, calib, graphs)
-        x = torch.randn(3, 3, 64, 96) if dense else torch.randn(5, 3, 32, 32)
-        with torch.no_grad():
-            ref = net.forward_dense(x) if dense else net(x)
-        out = e(x)
-        assert out.shape == ref.shape and out.dtype == torch.float32
-        rel = ((out - ref).norm() / ref.norm()).item()
-        assert rel <= engines.TOLERANCE[precision] and e.difference <= engines.TOLERANCE[precision]
-        if precision == "fp32":
-            assert rel < 1e-4
+    if name == "onnxruntime":
+        check_engine(name, dense)
+        return
+    # OpenVINO in a fresh interpreter: loaded into the test process, it left a segfault for
+    # a later test (seen twice in full runs, never with it kept out)
+    import subprocess
+    import sys
+
+    code = f"import test_engines as t; t.check_engine({name!r}, {dense})"
+    r = subprocess.run([sys.executable, "-c", code], cwd=__file__.rsplit("/", 1)[0],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_bad_engine_requests(net, graphs):

@@ -660,12 +660,13 @@ def _item_memory(c: Context) -> Iterator[Result]:
                                        ("training", _config(c.s), c.s.train_batch)])
 
 
+# peers last: the engines it loads stay in the process (OpenVINO's threads, notably), and
+# nothing else should run beside them
 ITEM_RUNNERS: dict[str, Callable[[Context], Iterable[Result]]] = {
     "inference": _item_inference, "agreement": _item_agreement, "int8": _item_int8,
-    "peers": _item_peers, "training": _item_training,
-    "pipeline": lambda c: bench_pipeline(c.s),
-    "evaluation": lambda c: [bench_evaluation(c.s, c.rt)],
-    "memory": _item_memory}
+    "training": _item_training, "pipeline": lambda c: bench_pipeline(c.s),
+    "evaluation": lambda c: [bench_evaluation(c.s, c.rt)], "memory": _item_memory,
+    "peers": _item_peers}
 ITEMS = tuple(ITEM_RUNNERS)
 
 

@@ -137,9 +137,11 @@ def _load_openvino(path: Path, precision: str, threads: int) -> Callable:
     core = ov.Core()
     # int8 graphs carry their own precision (QDQ); the hint sets what the rest runs in
     hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
+    # no pinning: OpenVINO would pin its worker threads to cores, which torch's threads (and
+    # any process forked later, e.g. a data loader worker) share; torch pins nothing either
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {
         "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": threads})
+        "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False})
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[0]
 
