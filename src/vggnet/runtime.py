@@ -146,7 +146,10 @@ class Runtime:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         features, config = getattr(model, "features", None), getattr(model, "config", None)
-        if self.device.type == "cpu" and isinstance(features, nn.Sequential) and config:
+        # compiled: inductor's freezing packs and fuses by itself (and would trace through
+        # PackedConv2d's per-shape cache in Python)
+        if (self.device.type == "cpu" and isinstance(features, nn.Sequential) and config
+                and not self.compile):
             from .fuse import fuse_for_inference, keep_freed_memory
 
             size = (batch, config.in_channels, config.crop_size, config.crop_size)
