@@ -28,7 +28,8 @@ from vggnet import create_model
 from vggnet import distributed as D
 
 CONFIGS = [("no DDP", None, "none"), ("DDP fp32, 25 MiB buckets", 25.0, "none"),
-           ("DDP fp32, 100 MiB buckets", 100.0, "none"), ("DDP bf16 compression, 25 MiB", 25.0, "bf16")]
+           ("DDP fp32, 100 MiB buckets", 100.0, "none"),
+           ("DDP bf16 compression, 25 MiB", 25.0, "bf16")]
 
 
 def _worker(rank: int, world: int, store: str, a: argparse.Namespace, out: dict) -> None:
@@ -43,7 +44,8 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace, out: dict)
     y = torch.randint(0, 1000, (a.batch,), generator=g).to(device)
     nets = {}
     for name, bucket, comp in CONFIGS:
-        model = create_model(a.model, width=0.25 if a.quick else 1.0, crop_size=crop, seed=0).to(device)
+        model = create_model(a.model, width=0.25 if a.quick else 1.0, crop_size=crop, seed=0)
+        model = model.to(device)
         nets[name] = D.wrap_ddp(model, info, device, bucket, comp) if bucket else model
     opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in nets.items()}
     times: dict[str, list[float]] = {n: [] for n in nets}
@@ -66,7 +68,8 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace, out: dict)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="D")
     p.add_argument("--batch", type=int, default=1, help="images per process per step")
     p.add_argument("--repeats", type=int, default=3)
@@ -79,7 +82,8 @@ def main() -> None:
         mp.spawn(_worker, args=(2, f"{tmp}/store", a, out), nprocs=2, join=True)
         out = dict(out)
     base = out["no DDP"]
-    print(f"VGG {a.model}{' (quick: width 1/4, crop 64)' if a.quick else ''}, {out['params']:,} parameters, "
+    quick = " (quick: width 1/4, crop 64)" if a.quick else ""
+    print(f"VGG {a.model}{quick}, {out['params']:,} parameters, "
           f"2 processes x batch {a.batch}, {a.device}, median of {a.repeats} interleaved steps")
     print(f"{'configuration':<30} {'step s':>8} {'overhead s':>11} {'vs no DDP':>10}")
     for name, *_ in CONFIGS:

@@ -1,4 +1,5 @@
-"""Inference, VGG-16 at 224, batch 1 and 8: ours vs plain float32 NCHW eager, matmul peak alongside."""
+"""Inference, VGG-16 at 224, batch 1 and 8: ours vs plain float32 NCHW eager, matmul peak
+alongside."""
 
 import sys
 

@@ -34,10 +34,12 @@ def _ort(path, x):
 
 def test_onnx_classifier_and_dense(weights, tmp_path, capsys):
     path, model = weights
-    assert main(["export", "--weights", str(path), "--format", "onnx", "--out", str(tmp_path / "c.onnx")]) == 0
-    assert main(["export", "--weights", str(path), "--format", "onnx", "--dense", "--out", str(tmp_path / "d.onnx")]) == 0
+    onnx_args = ["export", "--weights", str(path), "--format", "onnx"]
+    assert main([*onnx_args, "--out", str(tmp_path / "c.onnx")]) == 0
+    assert main([*onnx_args, "--dense", "--out", str(tmp_path / "d.onnx")]) == 0
     assert capsys.readouterr().out.count("checked on") == 4
-    meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}["vggnet"])
+    props = onnx.load(str(tmp_path / "d.onnx")).metadata_props
+    meta = json.loads({p.key: p.value for p in props}["vggnet"])
     assert meta["graph"] == "dense" and meta["class_names"] == list("abcde")
     assert meta["preprocessing"]["channel_order"] == "BGR"
     gen = torch.Generator().manual_seed(7)
@@ -59,7 +61,8 @@ def test_onnx_classifier_and_dense(weights, tmp_path, capsys):
 def test_torchscript_dense(weights, tmp_path):
     path, model = weights
     out = tmp_path / "d.pt"
-    assert main(["export", "--weights", str(path), "--format", "torchscript", "--dense", "--out", str(out)]) == 0
+    assert main(["export", "--weights", str(path), "--format", "torchscript", "--dense",
+                 "--out", str(out)]) == 0
     extra = {"vggnet.json": ""}
     with pytest.warns(DeprecationWarning):  # torch.jit is deprecated in favour of torch.export
         scripted = torch.jit.load(str(out), _extra_files=extra)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import vggnet
+from vggnet.fuse import PackedConv2d, packing_works
 from vggnet.quantize import quantize_int8
 
 # run a second time with oneDNN and ATen capped at AVX2 (Makefile: make test)
@@ -9,7 +10,8 @@ pytestmark = pytest.mark.cpu_sensitive
 
 
 def _net(arch, bn):
-    return vggnet.create_model(arch, num_classes=5, width=1 / 16, crop_size=32, batch_norm=bn, seed=0).eval()
+    return vggnet.create_model(arch, num_classes=5, width=1 / 16, crop_size=32, batch_norm=bn,
+                               seed=0).eval()
 
 
 @pytest.mark.parametrize("arch,bn", [("B", True), ("A-LRN", False)])
@@ -40,3 +42,47 @@ def test_int8_refuses_bad_calibration():
         quantize_int8(m, [torch.randn(2, 3, 64, 64)])
     with pytest.raises(ValueError, match="quantized engine 'nope'"):
         quantize_int8(m, [torch.randn(2, 3, 32, 32)], backend="nope")
+
+
+def test_first_and_last_layers_stay_float_and_names_are_checked():
+    m = _net("B", True)
+    g = torch.Generator().manual_seed(0)
+    q = quantize_int8(m, [torch.randn(16, 3, 32, 32, generator=g)])
+    modules = dict(q.named_modules())
+    # fused conv1_1 + bn1_1 + relu1_1 stays float (a packed oneDNN conv where torch has the
+    # ops); conv1_2 is int8
+    first = modules["graph.features.conv1_1"]
+    if packing_works(torch.float32) is None:
+        assert isinstance(first, PackedConv2d) and first.relu and first.dtype == torch.float32
+    else:
+        assert not type(first).__module__.startswith("torch.ao.nn.quantized")
+    assert type(modules["graph.features.conv1_2"]).__module__.startswith(
+        "torch.ao.nn.intrinsic.quantized")
+    assert isinstance(modules["graph.classifier.fc8"], torch.nn.Linear)
+    assert type(modules["graph.classifier.fc7"]).__module__.startswith("torch.ao.nn.")
+    every = quantize_int8(m, [torch.randn(16, 3, 32, 32, generator=g)], float_layers=())
+    fc8 = dict(every.named_modules())["graph.classifier.fc8"]
+    assert type(fc8).__module__.startswith("torch.ao.nn.")
+    with pytest.raises(ValueError, match=r"float_layers \['fc9'\] are not layers of this VGG B"):
+        quantize_int8(m, [torch.randn(2, 3, 32, 32)], float_layers=("conv1_1", "fc9"))
+
+
+def test_full_range_activations_only_with_vnni(monkeypatch):
+    # 7-bit activations (torch's x86 default) only where AVX2's 16-bit sums could saturate
+    from vggnet import quantize
+
+    m = _net("A", False)
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    seen = []
+    real = quantize._quantize
+
+    def spy(model, calibration, backend, float_layers, reduce_range):
+        seen.append(reduce_range)
+        return real(model, calibration, backend, float_layers, reduce_range)
+
+    monkeypatch.setattr(quantize, "_quantize", spy)
+    for vnni in (True, False):
+        monkeypatch.setattr(quantize, "has_vnni", lambda v=vnni: v)
+        quantize.quantize_int8(m, calib)
+    quantize.quantize_int8(m, calib, reduce_range=False)
+    assert seen == [False, True, False]

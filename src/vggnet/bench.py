@@ -26,13 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .engines import ENGINES
 from .info import summarize
 from .model import VGGConfig, build
 from .protocol import PRESETS
@@ -90,6 +91,8 @@ class Settings:
     matmul_n: int = 4096
     memory: bool = True
     compile: bool = False  # also time inference through torch.compile (inductor, frozen weights)
+    engines: tuple[str, ...] = ENGINES  # peers: the other engines timed beside ours
+    dense_size: tuple[int, int] = (384, 512)  # peers: one image through the dense graph
 
     @classmethod
     def for_device(cls, device: torch.device) -> Settings:
@@ -105,7 +108,7 @@ class Settings:
         return cls(crop=32, width=1 / 16, inference_batches=(2,), train_batch=2, train_steps=2,
                    reduced_width=1 / 16, reduced_crop=32, reduced_batch=8, reduced_steps=3,
                    eval_width=1 / 16, eval_scales=(32, 48), eval_images=1, pipeline_images=4,
-                   pipeline_repeats=1, repeats=2, matmul_n=256)
+                   pipeline_repeats=1, repeats=2, matmul_n=256, dense_size=(48, 64))
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, repeats: int) 
 # --- models -------------------------------------------------------------------------------
 def _config(s: Settings, num_classes: int = 1000, width: float | None = None,
             crop: int | None = None) -> VGGConfig:
-    return VGGConfig(arch=s.arch, num_classes=num_classes, width=s.width if width is None else width,
+    return VGGConfig(arch=s.arch, num_classes=num_classes,
+                     width=s.width if width is None else width,
                      crop_size=s.crop if crop is None else crop)
 
 
@@ -289,12 +293,14 @@ def bench_training(s: Settings, rt: Runtime, peak: Peak, cfg: VGGConfig, batch: 
     flops = 3 * forward_flops(cfg) * batch  # forward + two backward products per layer
     shown = sorted({round(i * (len(diffs) - 1) / 7) for i in range(8)})  # at most 8 steps
     curve = ", ".join(f"{i}: {losses['ours'][i]:.4f}/{losses['baseline'][i]:.4f}" for i in shown)
+    rel = 100 * max(d / b for d, b in zip(diffs, losses["baseline"], strict=True))
     return Result(f"training step {_label(cfg)} batch {batch}", "img/s", batch / t["ours"],
-                  batch / t["baseline"], target=">= 1.8x, loss within 0.5% of float32 at every step",
+                  batch / t["baseline"],
+                  target=">= 1.8x, loss within 0.5% of float32 at every step",
                   gflops=flops / t["ours"] / 1e9, peak=peak.flops / t["peak"] / 1e9,
                   notes=[f"loss ours/float32 at step {curve} (step 0: the warm-up)",
                          f"max |loss difference| {max(diffs):.4f} "
-                         f"({100 * max(d / b for d, b in zip(diffs, losses['baseline'], strict=True)):.2f}%)"])
+                         f"({rel:.2f}%)"])
 
 
 # --- item 1b: agreement on a trained model ---------------------------------------------------
@@ -315,12 +321,33 @@ def _eval_batches(samples, q: int, crop: int, prep, device, batch_size: int = 64
         yield prep.normalize(batch.images[keep].to(device)), batch.labels[keep]
 
 
-def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
-                    int8: bool = False, calibration_images: int = 256) -> list[Result]:
-    """Top-1 agreement with float32 on a trained model (a training checkpoint or weights file)
-    over the validation split of its dataset: centre crops at the test scale its training
-    implies (Q = S), as the demo evaluates it. Our default inference path, and with ``int8``
-    also ``quantize.quantize_int8`` calibrated on ``calibration_images`` training images."""
+@dataclass
+class TrainedSet:
+    """A trained model and the validation images it is judged on, as the demo evaluates it:
+    centre crops at the test scale its training implies (Q = S)."""
+
+    loaded: object  # weights.LoadedModel
+    samples: list  # (path, label) validation samples
+    calibration: list  # (path, label) training samples for int8 ranges
+    q: int
+    where: str  # what was measured on, after a count: "validation images of ... through ..."
+
+    def crops(self, samples=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised centre crops, labels) batches on the CPU."""
+        cfg, prep = self.loaded.model.config, self.loaded.preprocessing
+        return list(_eval_batches(samples or self.samples, self.q, cfg.crop_size, prep, "cpu"))
+
+    def whole_images(self) -> list[torch.Tensor]:
+        """Each validation image rescaled to shorter side Q, normalised, (1, 3, H, W)."""
+        from .transforms import EvalTransform, chw
+
+        t = EvalTransform(self.q, None)
+        return [self.loaded.preprocessing.normalize(chw(t(p))) for p, _ in self.samples]
+
+
+def trained_set(checkpoint: str, data: str | None = None, calibration_images: int = 256
+                ) -> TrainedSet:
+    """Load a trained checkpoint or weights file and its dataset's validation split."""
     from .data import open_dataset
     from .protocol import centre_crop_resize, default_test_scale
     from .weights import load_model
@@ -335,37 +362,48 @@ def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
     q = (default_test_scale(settings["scale"]) if "scale" in settings
          else centre_crop_resize(cfg.crop_size))
     dataset = open_dataset(data)
-    base = loaded.model.eval().to(rt.device)
+    step = max(1, len(dataset.train.samples) // calibration_images)
+    calib = dataset.train.samples[::step][:calibration_images]
+    where = f"validation images of {data} (Q={q}) through {checkpoint}"
+    return TrainedSet(loaded, dataset.val.samples, calib, q, where)
+
+
+def bench_agreement(rt: Runtime, checkpoint: str, data: str | None = None,
+                    int8: bool = False, calibration_images: int = 256) -> list[Result]:
+    """Top-1 agreement with float32 on a trained model (a training checkpoint or weights file)
+    over the validation split of its dataset, centre crops: our default inference path, and
+    with ``int8`` also ``quantize.quantize_int8`` calibrated on ``calibration_images``
+    training images."""
+    ts = trained_set(checkpoint, data, calibration_images)
+    base, cfg = ts.loaded.model.eval(), ts.loaded.model.config
     ours = rt.prepare_inference(copy.deepcopy(base))
+    runs = {"float32": base, "ours": lambda x: ours(rt.input(x))}
     if int8:
         from .quantize import quantize_int8
 
-        step = max(1, len(dataset.train.samples) // calibration_images)
-        calib = dataset.train.samples[::step][:calibration_images]
-        int8_model = quantize_int8(base, (x.cpu() for x, _ in _eval_batches(
-            calib, q, cfg.crop_size, loaded.preprocessing, rt.device)))
-    preds, labels = {"float32": [], "ours": [], "int8": []}, []
-    for x, y in _eval_batches(dataset.val.samples, q, cfg.crop_size, loaded.preprocessing, rt.device):
-        with torch.no_grad():
-            preds["float32"].append(base(x).argmax(1).cpu())
-            if int8:
-                preds["int8"].append(int8_model(x.cpu()).argmax(1))
-        with rt.inference():
-            preds["ours"].append(ours(rt.input(x)).argmax(1).cpu())
-        labels.append(y)
-    p = {k: torch.cat(v) for k, v in preds.items() if v}
-    y = torch.cat(labels)
+        runs["int8"] = quantize_int8(base, (x for x, _ in ts.crops(ts.calibration)))
+    batches = ts.crops()
+    y = torch.cat([label for _, label in batches])
+    p = {}
+    for k, r in runs.items():
+        with rt.inference() if k == "ours" else torch.no_grad():
+            p[k] = torch.cat([r(x).argmax(1).cpu() for x, _ in batches])
     acc = {k: 100 * (v == y).float().mean().item() for k, v in p.items()}
-    where = f"{len(y)} validation images of {data} (centre crop at Q={q}) through {checkpoint}"
+    where = f"{len(y)} {ts.where}, centre crops"
+
+    def agree(k: str) -> float:
+        return 100 * (p[k] == p["float32"]).float().mean().item()
+
     results = [Result(f"top-1 agreement with float32, trained {_label(cfg)} ({cfg.name})", "%",
-                      100 * (p["ours"] == p["float32"]).float().mean().item(), None, target=">= 99%",
-                      notes=[f"{where}; top-1 accuracy ours {acc['ours']:.2f}%, float32 {acc['float32']:.2f}%"])]
+                      agree("ours"), None, target=">= 99%",
+                      notes=[f"{where}; top-1 accuracy ours {acc['ours']:.2f}%, "
+                             f"float32 {acc['float32']:.2f}%"])]
     if int8:
-        results.append(Result(f"top-1 agreement with float32, int8 (quantize_int8), trained {_label(cfg)}",
-                              "%", 100 * (p["int8"] == p["float32"]).float().mean().item(), None,
-                              target="report (int8 is a flag, not a default)",
-                              notes=[f"{where}; calibrated on {len(calib)} training images; top-1 accuracy "
-                                     f"int8 {acc['int8']:.2f}%, float32 {acc['float32']:.2f}%"]))
+        results.append(Result(
+            f"top-1 agreement with float32, int8 (quantize_int8), trained {_label(cfg)}", "%",
+            agree("int8"), None, target=">= 99%",
+            notes=[f"{where}; calibrated on {len(ts.calibration)} training images; top-1 "
+                   f"accuracy int8 {acc['int8']:.2f}%, float32 {acc['float32']:.2f}%"]))
     return results
 
 
@@ -388,63 +426,51 @@ def bench_int8(s: Settings, rt: Runtime, batch: int) -> Result:
                 return model(inp)
         return fn
 
-    t = interleaved({"int8": run(int8, x), "baseline": run(base, x), "ours": run(ours, xo, rt.inference)},
+    t = interleaved({"int8": run(int8, x), "baseline": run(base, x),
+                     "ours": run(ours, xo, rt.inference)},
                     s.repeats, torch.device("cpu"))
     return Result(f"inference int8 {_label(cfg)} batch {batch} (quantize_int8, a flag)", "img/s",
                   batch / t["int8"], batch / t["baseline"], target="report",
-                  notes=[f"the default path ({rt.describe()}) alongside: {batch / t['ours']:.3g} img/s, "
-                         f"so int8 is {t['ours'] / t['int8']:.2f}x it; its accuracy cost: the int8 agreement item"])
+                  notes=[f"the default path ({rt.describe()}) alongside: "
+                         f"{batch / t['ours']:.3g} img/s, so int8 is {t['ours'] / t['int8']:.2f}x "
+                         "it; its accuracy cost: the int8 agreement item"])
 
 
-# --- items 3 and 4: the input pipeline and dense evaluation, from their own scripts ------------
-def benchmark_script(name: str):
-    """Import benchmarks/NAME.py of this source tree (None when vggnet runs from elsewhere)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(f"vggnet_benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def bench_pipeline(s: Settings) -> list[Result] | None:
+# --- items 3 and 4: the input pipeline and dense evaluation ---------------------------------
+def bench_pipeline(s: Settings) -> list[Result]:
     """Training input pipeline, images/s of one loader worker (one process, one thread) on
     ImageNet-sized JPEGs: ours against the plain Pillow pipeline and against JPEG decoding
-    alone, through benchmarks/pipeline.py (best of its repeats)."""
-    script = benchmark_script("pipeline")
-    if script is None:
-        return None
+    alone, through ``bench_pipeline.measure`` (best of its repeats)."""
+    from .bench_pipeline import measure
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one loader worker has
     try:
-        r = script.measure(s.pipeline_images, s.pipeline_repeats, 32)
+        r = measure(s.pipeline_images, s.pipeline_repeats, 32)
     finally:
         torch.set_num_threads(threads)
     return [Result(f"input pipeline, {name}", "img/s", ours, plain,
                    target=">= 2x plain, >= 75% of JPEG decoding alone",
-                   notes=[f"JPEG decoding alone {r['decode']:.0f} img/s: ours is {100 * ours / r['decode']:.0f}% "
-                          f"of it; {s.pipeline_images} JPEGs of 500x375/375x500 ({r['kb']:.0f} kB), one "
-                          "worker, best of repeats (benchmarks/pipeline.py)"])
+                   notes=[f"JPEG decoding alone {r['decode']:.0f} img/s: ours is "
+                          f"{100 * ours / r['decode']:.0f}% of it; {s.pipeline_images} JPEGs of "
+                          f"500x375/375x500 ({r['kb']:.0f} kB), one worker, best of repeats "
+                          "(vggnet.bench_pipeline)"])
             for name, (plain, ours) in r["settings"].items()]
 
 
-def bench_evaluation(s: Settings, rt: Runtime) -> Result | None:
+def bench_evaluation(s: Settings, rt: Runtime) -> Result:
     """Dense multi-scale evaluation against 150 crops at the same scales, through
-    benchmarks/eval_dense_vs_multicrop.py (best of its repeats, alternating)."""
-    script = benchmark_script("eval_dense_vs_multicrop")
-    if script is None:
-        return None
+    ``bench_evaluation.measure`` (best of its repeats, alternating)."""
+    from .bench_evaluation import measure
+
     cfg = _config(s, width=s.eval_width)
-    r = script.measure(cfg.arch, cfg.width, cfg.crop_size, list(s.eval_scales), s.eval_images,
-                       16, 0, rt, s.repeats)
+    r = measure(cfg.arch, cfg.width, cfg.crop_size, list(s.eval_scales), s.eval_images,
+                16, 0, rt, s.repeats)
+    scales = ",".join(map(str, s.eval_scales))
     return Result(f"evaluation dense vs {50 * len(s.eval_scales)} crops, {_label(cfg)}, "
-                  f"Q={{{','.join(map(str, s.eval_scales))}}}", "img/s", r["dense"], r["multicrop"],
-                  target=">= 5x",
+                  f"Q={{{scales}}}", "img/s", r["dense"], r["multicrop"], target=">= 5x",
                   notes=[f"baseline here = multi-crop through the same runtime; {s.eval_images} "
-                         "images of 500x375/375x500, best of repeats (benchmarks/eval_dense_vs_multicrop.py); "
+                         "images of 500x375/375x500, best of repeats (vggnet.bench_evaluation); "
                          f"multiply-adds per image dense {r['dense_macs'] / 1e9:.1f} G, "
                          f"multi-crop {r['multicrop_macs'] / 1e9:.1f} G"])
 
@@ -495,7 +521,8 @@ def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -
         for i in range(2):
             train_step(model, opt, run_rt, run_rt.input(x), y, seed=i)
     if rt.device.type == "cuda":
-        return {"peak_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20, "what": "GPU allocated",
+        return {"peak_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20,
+                "what": "GPU allocated",
                 "start_mib": 0.0}
     return {"peak_mib": peak_rss_mib(), "what": "RSS",
             "start_mib": start}
@@ -504,7 +531,8 @@ def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -
 def run_probes(probes: Sequence[tuple]) -> list[dict]:
     """Run ``memory_probe(*args)`` for each args tuple, each in its own fresh process, all at
     once (peak memory is per process, so running them side by side changes nothing but time)."""
-    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(args)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(args)],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in probes]
     results = []
     for args, proc in zip(probes, procs, strict=True):
@@ -540,7 +568,8 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"header": self.header,
-                "peaks": {k: {"gflops": p.gflops, "by": p.by, "all": p.all} for k, p in self.peaks.items()},
+                "peaks": {k: {"gflops": p.gflops, "by": p.by, "all": p.all}
+                          for k, p in self.peaks.items()},
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -548,7 +577,8 @@ def machine_line() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -564,7 +594,104 @@ def _load() -> str:
         return "n/a"
 
 
-ITEMS = ("inference", "agreement", "int8", "training", "pipeline", "evaluation", "memory")
+@dataclass
+class Context:
+    """What every item gets: the settings, the runtime, the matmul peak in its compute dtype,
+    the trained model's validation set (None without one) and the log."""
+
+    s: Settings
+    rt: Runtime
+    peak: Peak
+    trained: tuple[str, str | None] | None  # (checkpoint, its dataset folder or None)
+    log: Callable[[str], None]
+
+    def no_trained(self, what: str) -> None:
+        self.log(f"{what}: skipped, no trained model (run `make demo`, or give --trained "
+                 "CHECKPOINT [--data DIR])")
+
+
+def _item_inference(c: Context) -> Iterator[Result]:
+    for b in c.s.inference_batches:
+        yield bench_inference(c.s, c.rt, c.peak, b)
+    if c.s.compile and not c.rt.compile:
+        for b in c.s.inference_batches:
+            yield bench_inference(c.s, dataclasses.replace(c.rt, compile=True), c.peak, b)
+
+
+def _item_agreement(c: Context, int8: bool = False) -> Iterator[Result]:
+    if c.trained is None:
+        c.no_trained("top-1 agreement with float32")
+        return
+    path, data = c.trained
+    yield from bench_agreement(c.rt, path, data, int8=int8)
+
+
+def _item_int8(c: Context) -> Iterator[Result]:
+    if c.rt.device.type != "cpu":
+        return
+    yield bench_int8(c.s, c.rt, max(c.s.inference_batches))
+    yield from (r for r in _item_agreement(c, int8=True) if "int8" in r.item)
+
+
+def _item_peers(c: Context) -> Iterator[Result]:
+    from . import bench_peers
+
+    if c.rt.device.type != "cpu":
+        c.log("peers: skipped, ONNX Runtime and OpenVINO are compared on the CPU")
+        return
+    agree = {}
+    if c.trained is None:
+        c.no_trained("peers, top-1 agreement")
+    else:
+        agree = bench_peers.trained_agreement(trained_set(*c.trained), c.rt, c.s.engines, c.log)
+    yield from bench_peers.measure(c.s, c.rt, agree, c.log)
+
+
+def _item_training(c: Context) -> Iterator[Result]:
+    s = c.s
+    yield bench_training(s, c.rt, c.peak, _config(s), s.train_batch, s.train_steps)
+    reduced = _config(s, num_classes=10, width=s.reduced_width, crop=s.reduced_crop)
+    yield bench_training(s, c.rt, c.peak, reduced, s.reduced_batch, s.reduced_steps)
+
+
+def _item_memory(c: Context) -> Iterator[Result]:
+    if c.s.memory:
+        yield from bench_memory(c.rt, [("inference", _config(c.s), max(c.s.inference_batches)),
+                                       ("training", _config(c.s), c.s.train_batch)])
+
+
+# peers last: the engines it loads stay in the process (OpenVINO's threads, notably), and
+# nothing else should run beside them
+ITEM_RUNNERS: dict[str, Callable[[Context], Iterable[Result]]] = {
+    "inference": _item_inference, "agreement": _item_agreement, "int8": _item_int8,
+    "training": _item_training, "pipeline": lambda c: bench_pipeline(c.s),
+    "evaluation": lambda c: [bench_evaluation(c.s, c.rt)], "memory": _item_memory,
+    "peers": _item_peers}
+ITEMS = tuple(ITEM_RUNNERS)
+
+
+def header_lines(s: Settings, rt: Runtime) -> list[str]:
+    base = baseline_runtime(rt.device).describe()
+    return [f"vggnet bench, {datetime.datetime.now().isoformat(timespec='minutes')}",
+            f"machine: {machine_line()}",
+            f"load average at start (1/5/15 min): {_load()}",
+            f"ours: {rt.describe()} (make_runtime defaults); baseline: {base} eager",
+            f"timing: median of {s.repeats} interleaved repetitions after a warm-up"]
+
+
+def measure_peaks(s: Settings, rt: Runtime, log: Callable[[str], None]) -> dict[str, Peak]:
+    """float32's matmul peak, and bf16's where it is native (a CPU without bf16 dot products
+    emulates it at a small fraction of float32's rate: minutes for one n=4096 product)."""
+    peaks = {}
+    bf16 = rt.device.type == "cuda" or cpu_has_native_bf16()
+    if not bf16:
+        log("matmul peak bfloat16: not measured, this CPU has no native bf16")
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
+        p = matmul_peak(dtype, s.matmul_n, rt.device, s.repeats)
+        peaks[p.dtype] = p
+        alts = ", ".join(f"{k} {v:.0f}" for k, v in p.all.items())
+        log(f"matmul peak {p.dtype} (n={s.matmul_n}): {p.gflops:.0f} GFLOP/s ({alts})")
+    return peaks
 
 
 def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[str] = ITEMS,
@@ -572,71 +699,27 @@ def run(s: Settings | None = None, rt: Runtime | None = None, items: Sequence[st
         data: str | None = None) -> Report:
     """Run the chosen items; ``log`` gets each result line as soon as it is measured.
 
-    ``trained``: a trained checkpoint or weights file for the agreement item (default: the
-    newest ``make demo`` run under ./runs), ``data`` its dataset folder (default: the one
-    its training settings name).
+    ``trained``: a trained checkpoint or weights file for the agreement, int8 and peers items
+    (default: the newest ``make demo`` run under ./runs), ``data`` its dataset folder
+    (default: the one its training settings name).
     """
     s = s or Settings()
     rt = rt or make_runtime()
     unknown = sorted(set(items) - set(ITEMS))
     if unknown:
         raise ValueError(f"unknown benchmark item(s) {unknown}; choose from {', '.join(ITEMS)}")
-    header = [f"vggnet bench, {datetime.datetime.now().isoformat(timespec='minutes')}",
-              f"machine: {machine_line()}",
-              f"load average at start (1/5/15 min): {_load()}",
-              f"ours: {rt.describe()} (make_runtime defaults); baseline: {baseline_runtime(rt.device).describe()} eager",
-              f"timing: median of {s.repeats} interleaved repetitions after a warm-up"]
+    header = header_lines(s, rt)
     for line in header:
         log(line)
-    peaks = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        p = matmul_peak(dtype, s.matmul_n, rt.device, s.repeats)
-        peaks[p.dtype] = p
-        alts = ", ".join(f"{k} {v:.0f}" for k, v in p.all.items())
-        log(f"matmul peak {p.dtype} (n={s.matmul_n}): {p.gflops:.0f} GFLOP/s ({alts})")
+    peaks = measure_peaks(s, rt, log)
     peak = peaks["bfloat16" if rt.amp_dtype == torch.bfloat16 else "float32"]
+    trained = trained or find_demo_checkpoint()
+    c = Context(s, rt, peak, (trained, data) if trained else None, log)
     results: list[Result] = []
-
-    def emit(r: Result) -> None:
-        results.append(r)
-        log(format_result(r))
-
-    reduced = _config(s, num_classes=10, width=s.reduced_width, crop=s.reduced_crop)
-    if "inference" in items:
-        for b in s.inference_batches:
-            emit(bench_inference(s, rt, peak, b))
-        if s.compile and not rt.compile:
-            for b in s.inference_batches:
-                emit(bench_inference(s, dataclasses.replace(rt, compile=True), peak, b))
-    if "int8" in items and rt.device.type == "cpu":
-        emit(bench_int8(s, rt, max(s.inference_batches)))
-    if "agreement" in items or "int8" in items:
-        trained = trained or find_demo_checkpoint()
-        if trained:
-            for r in bench_agreement(rt, trained, data, int8="int8" in items and rt.device.type == "cpu"):
-                emit(r)
-        else:
-            log("top-1 agreement with float32: skipped, no trained model (run `make demo`, or "
-                "give --trained CHECKPOINT [--data DIR])")
-    if "training" in items:
-        emit(bench_training(s, rt, peak, _config(s), s.train_batch, s.train_steps))
-        emit(bench_training(s, rt, peak, reduced, s.reduced_batch, s.reduced_steps))
-    if "pipeline" in items:
-        rs = bench_pipeline(s)
-        for r in rs or []:
-            emit(r)
-        if rs is None:
-            log("input pipeline: skipped, benchmarks/pipeline.py is not next to this vggnet")
-    if "evaluation" in items:
-        r = bench_evaluation(s, rt)
-        if r:
-            emit(r)
-        else:
-            log("evaluation: skipped, benchmarks/eval_dense_vs_multicrop.py is not next to this vggnet")
-    if "memory" in items and s.memory:
-        for r in bench_memory(rt, [("inference", _config(s), max(s.inference_batches)),
-                                   ("training", _config(s), s.train_batch)]):
-            emit(r)
+    for item in ITEMS:
+        for r in ITEM_RUNNERS[item](c) if item in items else ():
+            results.append(r)
+            log(format_result(r))
     log(f"load average at end: {_load()}")
     return Report(header, peaks, results)
 
@@ -647,7 +730,8 @@ def format_result(r: Result) -> str:
     if r.baseline is not None:
         line += f", baseline {fmt(r.baseline)} {r.unit}, ratio {r.ratio:.2f}x"
     if r.gflops is not None:
-        line += f"; ours {r.gflops:.0f} GFLOP/s = {100 * r.of_peak:.0f}% of the {r.peak:.0f} GFLOP/s matmul peak"
+        line += (f"; ours {r.gflops:.0f} GFLOP/s = {100 * r.of_peak:.0f}% of the {r.peak:.0f} "
+                 "GFLOP/s matmul peak")
     if r.target:
         line += f" [target {r.target}]"
     return "\n    ".join([line] + r.notes)

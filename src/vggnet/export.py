@@ -10,6 +10,8 @@ class names travel as metadata (ONNX metadata_props / a TorchScript extra file "
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -59,14 +61,12 @@ def check_shapes(model: VGG, dense: bool) -> list[tuple[int, ...]]:
     return [(1, c, crop, crop), (3, c, crop, crop)]
 
 
-def export_onnx(loaded: LoadedModel, path: str | os.PathLike, dense: bool = False) -> Path:
-    import onnx
-
-    model = loaded.model.eval().cpu()
-    module = DenseVGG(model).eval() if dense else model
+def onnx_graph(model: VGG, path: str | os.PathLike, dense: bool = False) -> Path:
+    """The float32 ONNX graph of a CPU float32 ``model`` (no metadata): dynamic batch, and for
+    the dense graph dynamic height and width (at least the crop size)."""
+    module = DenseVGG(model).eval() if dense else model.eval()
     c, crop = model.config.in_channels, model.config.crop_size
-    batch = torch.export.Dim("batch")
-    shapes = {0: batch}
+    shapes = {0: torch.export.Dim("batch")}
     if dense:
         shapes |= {2: torch.export.Dim("height", min=crop), 3: torch.export.Dim("width", min=crop)}
     example = torch.randn(2, c, crop + 32 * dense, crop + 64 * dense)
@@ -74,16 +74,23 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, dense: bool = Fals
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)  # not "torchvision is not installed, skipping nms" and the like
+    onnx_log.setLevel(logging.ERROR)  # not "torchvision is not installed, skipping nms" & co
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals (pytree)
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals
             torch.onnx.export(module, (example,), str(path), dynamo=True, verbose=False,
-                              external_data=False,
-                              input_names=["image"], output_names=["scores" if dense else "logits"],
+                              external_data=False, input_names=["image"],
+                              output_names=["scores" if dense else "logits"],
                               dynamic_shapes={"x": shapes})
     finally:
         onnx_log.setLevel(level)
+    return path
+
+
+def export_onnx(loaded: LoadedModel, path: str | os.PathLike, dense: bool = False) -> Path:
+    import onnx
+
+    path = onnx_graph(loaded.model.eval().cpu(), path, dense)
     proto = onnx.load(str(path))
     proto.metadata_props.add(key="vggnet", value=_metadata(loaded, dense))
     onnx.save(proto, str(path))
@@ -140,7 +147,8 @@ def export(loaded: LoadedModel, path: str | os.PathLike, fmt: str = "onnx", dens
         if diff > tolerance * max(1.0, float(np.abs(ref).max())):
             path.unlink()
             raise RuntimeError(f"exported {fmt} graph differs from PyTorch by {diff:.3g} on input "
-                               f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is not usable")
+                               f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is "
+                               "not usable")
     return ExportReport(path, diffs)
 
 

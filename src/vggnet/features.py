@@ -36,7 +36,7 @@ def layer_taps(loaded: LoadedModel, paths: Sequence[str | os.PathLike], layers: 
     CPU tensors (N, C, h, w); FC taps are (N, C) at the crop size, maps at larger sizes."""
     rt = runtime or make_runtime()
     model = loaded.model.eval()
-    rt.prepare_inference(model)
+    rt.prepare_inference(model, keep_layer_outputs=True)  # conv/bn taps stay pre-ReLU
     crop = model.config.crop_size
     size = size or crop
     transform = EvalTransform(size, size)

@@ -1,16 +1,24 @@
 """int8 inference: post-training static quantization of a VGG for crop-sized inputs.
 
-A choice to make, not a default: on this project's CPU (AVX512-VNNI) VGG-16 at batch 8 ran
-about 2.4x faster in int8 than the default bf16 path, but int8 rounds activations to 256
-levels per tensor, so predictions move more than bf16's do; `vggnet bench` measures both the
-speed and the top-1 agreement with float32 on a trained model (docs/benchmarks.md).
+A choice to make, not a default: int8 rounds activations to 256 levels per tensor, so
+predictions move more than bf16's do; `vggnet bench` measures both the speed and the top-1
+agreement with float32 on a trained model (docs/benchmarks.md).
 
     int8 = quantize_int8(model, calibration_batches)   # preprocessed (N, 3, crop, crop) floats
     logits = int8(x)                                    # float32 logits, CPU only
 
 torch.ao's FX graph mode does the work: conv + batch norm + ReLU are fused, weights become
-int8 per output channel, activations int8 per tensor with the ranges observed while the
-calibration batches run through the float model (a few hundred training images are plenty).
+int8 per output channel, activations uint8 per tensor with the ranges a histogram observer
+picks while the calibration batches run through the float model. Measured on the demo net
+(vgg11_bn width 1/8, 1,000 validation images; docs/benchmarks.md), each choice below moved
+the top-1 agreement with float32:
+- the full 8-bit activation range where the CPU has VNNI: torch's x86 default keeps 7 bits
+  (``reduce_range``) so that AVX2's 16-bit intermediate sums cannot saturate; with VNNI
+  (32-bit sums) the eighth bit is free: 94.1% -> 96.1%;
+- the first conv (3 input channels: few multiply-adds, raw pixels in) and the last linear
+  layer (the logits themselves) left in float32: -> 98.5%, for under 1% of VGG-16's work;
+- more calibration images (1,024 instead of 256) or other observers (min/max, moving
+  average, 8192 histogram bins) moved it by less than the +-0.5% that 1,000 images resolve.
 torch 2.13 marks torch.ao.quantization deprecated (its successor, torchao, has no CPU int8
 convolution path yet); its warnings are silenced here and the tests pin its behaviour.
 """
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -39,21 +47,57 @@ class _Classifier(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def quantize_int8(model: VGG, calibration: Iterable[torch.Tensor], backend: str = "x86") -> nn.Module:
+FLOAT_LAYERS = ("conv1_1", "fc8")  # the first and the last layer stay float32
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has 8-bit dot products with 32-bit sums (AVX512-VNNI or AVX-VNNI)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_vnni") or caps.get("avx_vnni"))
+
+
+def quantize_int8(model: VGG, calibration: Iterable[torch.Tensor], backend: str = "x86",
+                  float_layers: Sequence[str] = FLOAT_LAYERS,
+                  reduce_range: bool | None = None) -> nn.Module:
     """An int8 copy of ``model`` (left unchanged) for crop-sized float input, CPU only.
 
     ``calibration``: preprocessed float batches like the ones the model will see (normalised
     crops, (N, 3, crop, crop)); their activation ranges set the int8 scales. ``backend``:
     torch's quantized engine, "x86" (oneDNN/fbgemm, VNNI) or "qnnpack" (ARM).
+    ``float_layers``: layer names (``model.layer_names()``) kept in float32.
+    ``reduce_range``: 7-bit activations (None: only where the CPU lacks VNNI).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"torch\.ao")
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        return _quantize(model, calibration, backend)
+        return _quantize(model, calibration, backend, tuple(float_layers),
+                         (not has_vnni()) if reduce_range is None else reduce_range)
 
 
-def _quantize(model: VGG, calibration: Iterable[torch.Tensor], backend: str) -> nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
+def qconfig_mapping(model: VGG, backend: str, float_layers: tuple[str, ...],
+                    reduce_range: bool):
+    """torch's defaults for ``backend`` with our activation range and float layers."""
+    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+
+    unknown = sorted(set(float_layers) - set(model.layer_names()))
+    if unknown:
+        raise ValueError(f"float_layers {unknown} are not layers of this VGG "
+                         f"{model.config.arch}; choose from {model.layer_names()}")
+    mapping = get_default_qconfig_mapping(backend)
+    if backend == "x86":
+        mapping.set_global(QConfig(
+            activation=HistogramObserver.with_args(reduce_range=reduce_range),
+            weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                      qscheme=torch.per_channel_symmetric)))
+    for name in float_layers:
+        where = "features" if name in model.features._modules else "classifier"
+        mapping.set_module_name(f"{where}.{name}", None)
+    return mapping
+
+
+def _quantize(model: VGG, calibration: Iterable[torch.Tensor], backend: str,
+              float_layers: tuple[str, ...], reduce_range: bool) -> nn.Module:
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -62,21 +106,46 @@ def _quantize(model: VGG, calibration: Iterable[torch.Tensor], backend: str) -> 
                          f"(available: {torch.backends.quantized.supported_engines})")
     if not isinstance(model, VGG):
         raise TypeError(f"quantize_int8 takes a vggnet VGG, got {type(model).__name__}")
+    mapping = qconfig_mapping(model, backend, float_layers, reduce_range)
     torch.backends.quantized.engine = backend
-    crop = model.config.crop_size
+    crop, c = model.config.crop_size, model.config.in_channels
     batches = iter(calibration)
     first = next(batches, None)
     if first is None:
-        raise ValueError("quantize_int8 needs at least one calibration batch to set the int8 ranges")
-    if first.dim() != 4 or tuple(first.shape[1:]) != (model.config.in_channels, crop, crop):
-        raise ValueError(f"calibration batches must be (N, {model.config.in_channels}, {crop}, {crop}) "
-                         f"crops, got {tuple(first.shape)}")
+        raise ValueError("quantize_int8 needs at least one calibration batch to set the int8 "
+                         "ranges")
+    if first.dim() != 4 or tuple(first.shape[1:]) != (c, crop, crop):
+        raise ValueError(f"calibration batches must be (N, {c}, {crop}, {crop}) crops, got "
+                         f"{tuple(first.shape)}")
     plain = _Classifier(copy.deepcopy(model).float().cpu().eval()).eval()
     # our LRN builds its band from the input's channel count: run it as a float module
     custom = PrepareCustomConfig().set_non_traceable_module_classes([LocalResponseNorm])
-    prepared = prepare_fx(plain, get_default_qconfig_mapping(backend), (first.float(),),
-                          prepare_custom_config=custom)
+    prepared = prepare_fx(plain, mapping, (first.float(),), prepare_custom_config=custom)
     with torch.no_grad():
         for x in (first, *batches):
             prepared(x.float().cpu())
-    return convert_fx(prepared).eval()
+    return Int8VGG(convert_fx(prepared).eval(), (first.shape[0], c, crop, crop))
+
+
+class Int8VGG(nn.Module):
+    """The converted graph, fed channels_last input (the int8 convolutions' own layout: NCHW
+    input is reordered by every one of them), its float first conv on oneDNN weights laid
+    out once with ReLU fused where ``fuse.packing_works`` (an eager NCHW float32 conv1_1 cost
+    a third of the int8 net's time; measured in docs/benchmarks.md); malloc keeps freed
+    memory (``fuse.keep_freed_memory``) as for the default path."""
+
+    def __init__(self, graph: nn.Module, input_size: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.graph = graph
+        from .fuse import PackedConv2d, keep_freed_memory, packing_works
+
+        keep_freed_memory()  # as prepare_inference does: no fresh pages for each pass
+
+        first = getattr(graph.features, "conv1_1", None)
+        conv, relu = (first[0], True) if isinstance(first, nn.Sequential) else (first, False)
+        if (type(conv) is nn.Conv2d and (not relu or isinstance(first[1], nn.ReLU))
+                and packing_works(torch.float32) is None):
+            graph.features.conv1_1 = PackedConv2d(conv, None, relu, torch.float32, input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, crop, crop) -> logits
+        return self.graph(x.contiguous(memory_format=torch.channels_last))

@@ -8,8 +8,9 @@ The defaults and the measurements behind them are in docs/benchmarks.md:
   (AVX512-BF16 / AMX), float32 elsewhere. On CPUs that only emulate bf16 it would be slower.
 - channels_last: on by default everywhere (oneDNN and cuDNN both run NHWC convs faster).
 - inference (``prepare_inference``): weights stored in the compute dtype once instead of cast
-  on every call by autocast, and on the CPU a 2x2 max-pool made of strided maxima, several
-  times faster than PyTorch's CPU max_pool2d (which also computes indices).
+  on every call by autocast; on the CPU convolutions on oneDNN weights laid out once, with
+  batch norm folded and ReLU fused (``fuse.py``), and a 2x2 max-pool made of strided maxima,
+  several times faster than PyTorch's CPU max_pool2d (which also computes indices).
 - fused optimizer kernels (``optimizer_options``): one multi-tensor kernel instead of a
   Python loop over 32 parameters, several times faster on the CPU.
 - torch.compile stays off by default: it costs seconds to minutes per input shape (dense
@@ -38,7 +39,8 @@ def pick_device(name: str = "auto") -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use 'cpu' or 'auto'")
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use 'cpu' "
+                         "or 'auto'")
     return dev
 
 
@@ -70,28 +72,6 @@ def cpu_has_native_bf16() -> bool:
         return True
 
 
-class MaxPool2x2(nn.Module):
-    """nn.MaxPool2d(2, 2) (floor mode) as the maximum of four strided views.
-
-    Same values, bit for bit (a max of the same four numbers), and the output keeps the
-    input's memory format. On the CPU it is several times faster than max_pool2d, which
-    computes argmax indices even when nobody asks for them. Inference only: its gradient
-    splits ties where max_pool2d picks one input.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H//2, W//2)
-        h, w = x.shape[-2:]
-        x = x[..., : h // 2 * 2, : w // 2 * 2]
-        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
-        return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
-
-
-def _is_plain_2x2_pool(m: nn.Module) -> bool:
-    return (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2)) and m.stride in (2, (2, 2))
-            and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode
-            and not m.return_indices)
-
-
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -109,7 +89,8 @@ class Runtime:
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. "cpu bf16 channels_last"."""
-        parts = [str(self.device), self.precision, "channels_last" if self.channels_last else "NCHW"]
+        layout = "channels_last" if self.channels_last else "NCHW"
+        parts = [str(self.device), self.precision, layout]
         return " ".join(parts + (["compiled"] if self.compile else []))
 
     def autocast(self):
@@ -142,15 +123,20 @@ class Runtime:
             model = model.to(memory_format=torch.channels_last)
         return torch.compile(model) if self.compile else model
 
-    def prepare_inference(self, model: nn.Module) -> nn.Module:
+    def prepare_inference(self, model: nn.Module, keep_layer_outputs: bool = False,
+                          batch: int = 8) -> nn.Module:
         """Make a model fast to run (not to train), in place; returns it (or its compiled form).
 
-        Puts it in eval mode, moves it, stores conv/linear weights in the autocast dtype (what
-        autocast would compute with anyway, so the results are the same, without casting 138M
-        weights on every call; norm layers keep float32 as under autocast), switches to
-        channels_last, and on the CPU swaps plain 2x2 max-pools for ``MaxPool2x2``. Call it
-        inside ``rt.autocast()`` / ``rt.inference()`` like any other model. Changes the model
-        in place: pass ``copy.deepcopy(model)`` to keep a float32 original for training.
+        Puts it in eval mode, moves it, stores linear weights in the autocast dtype (what
+        autocast would compute with anyway, without casting 120M weights on every call),
+        switches to channels_last, and on the CPU rewrites a VGG's convolutional part
+        (``fuse.fuse_for_inference``): convolutions on oneDNN weights laid out once for
+        ``batch`` crops, batch norm folded and ReLU fused into them (unless
+        ``keep_layer_outputs``: then every layer's output stays what ``VGG.extract`` documents),
+        and 2x2 max-pools as ``MaxPool2x2``; and asks malloc to keep freed memory for reuse
+        (``fuse.keep_freed_memory``). What was done is in ``model.inference_notes``.
+        Call it inside ``rt.autocast()`` / ``rt.inference()`` like any other model. Changes
+        the model in place: pass ``copy.deepcopy(model)`` to keep the original for training.
         """
         model = model.eval().to(self.device)
         if self.amp_dtype is not None:
@@ -159,11 +145,17 @@ class Runtime:
                     m.to(self.amp_dtype)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.device.type == "cpu":
-            for parent in list(model.modules()):
-                for name, child in parent.named_children():
-                    if _is_plain_2x2_pool(child):
-                        setattr(parent, name, MaxPool2x2())
+        features, config = getattr(model, "features", None), getattr(model, "config", None)
+        # compiled: inductor's freezing packs and fuses by itself (and would trace through
+        # PackedConv2d's per-shape cache in Python)
+        if (self.device.type == "cpu" and isinstance(features, nn.Sequential) and config
+                and not self.compile):
+            from .fuse import fuse_for_inference, keep_freed_memory
+
+            size = (batch, config.in_channels, config.crop_size, config.crop_size)
+            model.inference_notes = fuse_for_inference(
+                features, self.amp_dtype or torch.float32, size, keep_layer_outputs)
+            model.inference_notes.append(keep_freed_memory())
         if not self.compile:
             return model
         # freezing lets inductor constant-fold the weights: prepacked oneDNN weights and
