@@ -19,52 +19,25 @@ import copy
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .bench_timing import Result, interleaved, sync
 from .engines import ENGINES
 from .info import summarize
 from .model import VGGConfig, build
 from .protocol import PRESETS
 from .runtime import Runtime, cpu_has_native_bf16, make_runtime
 from .settings import BenchSettings
-
-
-# --- results ------------------------------------------------------------------------------
-@dataclass
-class Result:
-    """One line of the report: our figure, the baseline's, and their ratio (ours / baseline)."""
-
-    item: str
-    unit: str  # "img/s" (higher is better), "MiB" (lower is better) or "%"
-    ours: float
-    baseline: float | None  # None: nothing to compare with (the agreement item)
-    target: str = ""  # the issue's target, e.g. ">= 2.2x, >= 85% of bf16 peak"
-    gflops: float | None = None  # our achieved GFLOP/s
-    peak: float | None = None  # matmul GFLOP/s in our compute dtype, measured alongside
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> float:
-        return self.ours / self.baseline if self.baseline else math.nan
-
-    @property
-    def of_peak(self) -> float | None:
-        return self.gflops / self.peak if self.gflops and self.peak else None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio, "of_peak": self.of_peak}
 
 
 @dataclass
@@ -112,28 +85,6 @@ class Settings:
 
 
 # --- timing -------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turns (a, b, c, a, b, c, ...)."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def matmul_candidates(dtype: torch.dtype, n: int, device: torch.device) -> dict[str, Callable]:
     """Ways to multiply two n x n matrices: torch.mm, and on the CPU also oneDNN's matmul with
     a prepacked weight (torch.mm's float32 path is MKL, which on AMD CPUs runs far below
@@ -228,10 +179,10 @@ def bench_inference(s: Settings, rt: Runtime, peak: Peak, batch: int) -> Result:
 
     notes = []
     if rt.compile:  # the first call compiles
-        _sync(rt.device)
+        sync(rt.device)
         start = time.perf_counter()
         run_ours()
-        _sync(rt.device)
+        sync(rt.device)
         notes.append(f"compiled: first call {time.perf_counter() - start:.1f} s")
     t = interleaved({"ours": run_ours, "baseline": run_base, "peak": peak.fn}, s.repeats, rt.device)
     ref, out = run_base().float(), run_ours().float()
@@ -644,7 +595,8 @@ def _item_peers(c: Context) -> Iterator[Result]:
         c.no_trained("peers, top-1 agreement")
     else:
         agree = bench_peers.trained_agreement(trained_set(*c.trained), c.rt, c.s.engines, c.log)
-    yield from bench_peers.measure(c.s, c.rt, agree, c.log)
+    cfg = _config(c.s)
+    yield from bench_peers.measure(c.s, cfg, _label(cfg), c.rt, agree, c.log)
 
 
 def _item_training(c: Context) -> Iterator[Result]:

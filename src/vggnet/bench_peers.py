@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .bench_timing import Result, interleaved
 from .engines import ENGINES, EngineError, Graphs, installed, open_engine, precisions
 from .model import VGG
 from .runtime import Runtime
@@ -116,13 +117,12 @@ def trained_agreement(ts, rt: Runtime, engines: Iterable[str],
     return out
 
 
-def measure(s, rt: Runtime, agree: dict[str, dict[str, float]], log: Callable[[str], None]):
+def measure(s, cfg, label: str, rt: Runtime, agree: dict[str, dict[str, float]],
+            log: Callable[[str], None]):
     """Yield the item's results (``bench.Result``): every candidate at each inference batch,
     then dense on one image, then how vggnet compares with the fastest peer."""
-    from .bench import _config, _label
     from .model import build
 
-    cfg = _config(s)
     model = build(cfg, seed=0).eval()
     g = torch.Generator().manual_seed(1)
     crop = (3, cfg.crop_size, cfg.crop_size)
@@ -131,21 +131,19 @@ def measure(s, rt: Runtime, agree: dict[str, dict[str, float]], log: Callable[[s
     runs, graphs = candidates(model, rt, False, calibration, s.engines, log)
     with graphs:
         for b in s.inference_batches:
-            yield from rows(f"inference {_label(cfg)} batch {b}", runs,
+            yield from rows(f"inference {label} batch {b}", runs,
                             torch.randn(b, *crop, generator=g), s.repeats, agree.get("crop"))
     del runs
     runs, graphs = candidates(model, rt, True, calibration, s.engines, log)
     with graphs:
         h, w = s.dense_size
-        yield from rows(f"dense {_label(cfg)} one {h}x{w} image", runs,
+        yield from rows(f"dense {label} one {h}x{w} image", runs,
                         torch.randn(1, 3, h, w, generator=g), s.repeats, agree.get("dense"))
 
 
 def rows(label: str, runs: dict[str, Run], x: torch.Tensor, repeats: int,
          agree: dict[str, float] | None) -> list:
     """Time the candidates on ``x`` in turns; one result per candidate, then the verdicts."""
-    from .bench import Result, interleaved
-
     t = interleaved({k: (lambda r=r: r(x)) for k, r in runs.items()}, repeats,
                     torch.device("cpu"))
     rate = {k: x.shape[0] / v for k, v in t.items()}
@@ -164,8 +162,6 @@ def rows(label: str, runs: dict[str, Run], x: torch.Tensor, repeats: int,
 def verdicts(label: str, rate: dict[str, float], agree: dict[str, float] | None) -> list:
     """vggnet against the fastest peer that keeps 99% agreement, and vggnet int8 against the
     default and against the fastest peer int8."""
-    from .bench import Result
-
     def kept(k: str) -> str:
         return "" if agree is None or k not in agree else f", {agree[k]:.1f}% agreement"
 

@@ -1,0 +1,60 @@
+"""What every benchmark item shares: a result line and interleaved timing."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+# --- results ------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """One line of the report: our figure, the baseline's, and their ratio (ours / baseline)."""
+
+    item: str
+    unit: str  # "img/s" (higher is better), "MiB" (lower is better) or "%"
+    ours: float
+    baseline: float | None  # None: nothing to compare with (the agreement item)
+    target: str = ""  # the issue's target, e.g. ">= 2.2x, >= 85% of bf16 peak"
+    gflops: float | None = None  # our achieved GFLOP/s
+    peak: float | None = None  # matmul GFLOP/s in our compute dtype, measured alongside
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline else math.nan
+
+    @property
+    def of_peak(self) -> float | None:
+        return self.gflops / self.peak if self.gflops and self.peak else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "of_peak": self.of_peak}
+
+
+# --- timing -------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns (a, b, c, a, b, c, ...)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
