@@ -8,11 +8,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# LPIPS's linear layers (vggnet.losses.LPIPS, tests/test_losses.py) are a file inside the
+# pure-Python lpips wheel: downloaded, never installed (installing it pulls torchvision)
+LPIPS_WHEEL := $(VENV)/wheels/lpips-0.1.4-py3-none-any.whl
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory $(LPIPS_WHEEL)
 	touch $(STAMP)
+
+$(LPIPS_WHEEL):
+	$(PY) -m pip download -q --no-deps lpips==0.1.4 -d $(VENV)/wheels
 
 demo: $(STAMP)
 	$(PY) -m vggnet demo
@@ -22,7 +30,7 @@ lint: $(STAMP)
 
 # the second pass runs the CPU-sensitive tests (marked cpu_sensitive) again with oneDNN and
 # ATen capped at AVX2, so a machine with AVX-512/bf16 also exercises the AVX2-only path
-test: $(STAMP) lint
+test: $(STAMP) $(LPIPS_WHEEL) lint
 	$(PY) -m pytest
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -m cpu_sensitive
 

@@ -235,6 +235,12 @@ class VGG(nn.Module):
                 "for whole images")
         return torch.flatten(x, 1)
 
+    def stages(self, dense: bool = False) -> list[tuple[str, Callable]]:
+        """The whole net as (name, fn) stages in execution order, one per ``layer_names``
+        entry: feature layers as they are, the classifier as ``forward`` (Linear layers on a
+        flat pool5) or, if ``dense``, as ``forward_dense`` runs it (convolutions)."""
+        return list(self.features.named_children()) + list(self._head_stages(dense))
+
     # --- forward passes --------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> pool5 (N, 512*width, H/32, W/32)."""
@@ -278,7 +284,7 @@ class VGG(nn.Module):
             raise ValueError(f"unknown layer(s) {unknown} for VGG {self.config.arch}; available: "
                              f"{known}")
         self._check_input(x, dense=dense and any(n not in self.features._modules for n in layers))
-        stages = list(self.features.named_children()) + list(self._head_stages(dense))
+        stages = self.stages(dense)
         wanted, out = set(layers), {}
         for i, (name, fn) in enumerate(stages):
             x = fn(x)

@@ -38,12 +38,25 @@ class Preprocessing:
                              f"{tuple(images.shape)}")
         if self.channel_order == "BGR":
             images = images.flip(1)
-        # (x * scale/255 - mean) / std as one multiply-add per pixel: x * a + b
-        std = torch.tensor(self.std, device=images.device)
-        a = (self.scale / 255.0) / std
-        b = -torch.tensor(self.mean, device=images.device) / std
-        out = torch.addcmul(b.view(1, 3, 1, 1), images.to(torch.float32), a.view(1, 3, 1, 1))
+        a, b = self.affine((0.0, 255.0), images.device)
+        out = torch.addcmul(b, images.to(torch.float32), a)
         return out.to(dtype)  # elementwise ops keep the input's memory format (channels_last)
+
+    def affine(self, input_range: tuple[float, float] = (0.0, 255.0),
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each (1, 3, 1, 1) float32 in the model's channel order, such that
+        ``x * a + b`` is the model's input for pixels ``x`` (already in that channel order)
+        given in ``input_range`` (black, white): (0, 255) for uint8, (0, 1) or (-1, 1) for
+        the float images of losses and generators."""
+        lo, hi = (float(v) for v in input_range)
+        if not hi > lo:
+            raise ValueError(f"input_range must be (black, white) with white > black, got "
+                             f"{input_range!r}; e.g. (0, 1) or (-1, 1)")
+        # ((x - lo) / (hi - lo) * scale - mean) / std as one multiply-add per pixel
+        std = torch.tensor(self.std, device=device)
+        a = (self.scale / (hi - lo)) / std
+        b = -(lo * self.scale / (hi - lo) + torch.tensor(self.mean, device=device)) / std
+        return a.view(1, 3, 1, 1), b.view(1, 3, 1, 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
