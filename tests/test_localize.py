@@ -42,7 +42,11 @@ def test_localizer_copies_every_layer_but_fc8(regression, outputs):
             assert v.shape[0] == outputs
         else:
             assert torch.equal(v, theirs[k]), k
-    assert torch.count_nonzero(loc.net.classifier.fc8.bias) == 0
+    fc8 = loc.net.classifier.fc8
+    assert torch.equal(fc8.bias, torch.full((outputs,), 0.5))
+    assert 0.5e-3 < fc8.weight.std() < 2e-3
+    assert torch.equal(localizer_from_classifier(clf, regression, seed=1).net.classifier.fc8.weight,
+                       fc8.weight)  # seeded
     x = torch.randn(2, 3, 32, 32)
     assert loc.eval()(x).shape == (2, outputs // 4, 4)
     assert LocalizerSpec.from_dict(loc.spec.to_dict()) == loc.spec
@@ -90,13 +94,20 @@ def test_encode_decode_and_loss_hand_computed():
 
 def test_crop_target_takes_the_largest_visible_box():
     win = Window((200, 100), (100, 50), (10, 5, 42, 37))
-    boxes = torch.tensor([[40.0, 20, 100, 60],  # -> (10, 5, 40, 25), clipped (10, 5, 32, 25)
+    boxes = torch.tensor([[40.0, 20, 100, 60],  # -> (10, 5, 40, 25): 440 of 600 px inside
                           [0.0, 0, 10, 10],  # -> left of the crop: nothing visible
                           [30.0, 16, 40, 30]])  # -> (5, 3, 10, 10), 35 px
-    assert crop_target(boxes, win).tolist() == pytest.approx([21 / 32, 15 / 32, 22 / 32, 20 / 32])
-    flipped = Window((200, 100), (100, 50), (10, 5, 42, 37), flip=True)  # (-8, 5, 22, 25) -> clip
-    assert crop_target(boxes, flipped).tolist() == pytest.approx([11 / 32, 15 / 32, 22 / 32, 20 / 32])
+    # not clipped: the target reaches beyond the crop's right edge (x2 = 40 > 32)
+    assert crop_target(boxes, win).tolist() == pytest.approx([25 / 32, 15 / 32, 30 / 32, 20 / 32])
+    flipped = Window((200, 100), (100, 50), (10, 5, 42, 37), flip=True)  # -> (-8, 5, 22, 25)
+    assert crop_target(boxes, flipped).tolist() == pytest.approx([7 / 32, 15 / 32, 30 / 32, 20 / 32])
     assert crop_target(boxes[1:2], win) is None
+    # 440 / 600 = 73% of the first box inside: taken at min_visible 0.73; at 0.74 the third
+    # (wholly inside, though smaller) is, and alone nothing
+    assert crop_target(boxes, win, min_visible=0.73).tolist() == crop_target(boxes, win).tolist()
+    assert crop_target(boxes, win, min_visible=0.74).tolist() == pytest.approx(
+        [7.5 / 32, 6.5 / 32, 5 / 32, 7 / 32])
+    assert crop_target(boxes[:1], win, min_visible=0.74) is None
 
 
 def test_dense_boxes_hand_computed():
