@@ -89,7 +89,8 @@ def main() -> None:
     loc = localizer_from_classifier(clf.model, args.regression, seed=args.seed)
     opt = torch.optim.SGD(set_finetune(loc, args.finetune), lr=args.lr, momentum=0.9,
                           weight_decay=5e-4)
-    tf, rng, seen = TrainTransform(scale=(s, s), crop_size=crop), np.random.default_rng(args.seed), []
+    tf, rng = TrainTransform(scale=(s, s), crop_size=crop), np.random.default_rng(args.seed)
+    seen = []
     for epoch in range(1, args.epochs + 1):
         loc.train()
         start, losses = time.time(), []
@@ -105,9 +106,10 @@ def main() -> None:
               f"{len(losses) * args.batch_size / took:.0f} img/s", flush=True)
     start = time.time()
     r1 = protocol1_error(loc, val, ds.class_names, s, prep)
-    mean_box = torch.cat(seen).mean(0)
-    print(f"protocol 1 (Q={s}): {r1.error:.1f}% error ({time.time() - start:.1f} s, {len(val)} "
-          f"images); a constant box: {constant_box_error(clf.model, mean_box, val, ds.class_names, s, prep):.1f}%")
+    took = time.time() - start
+    const = constant_box_error(clf.model, torch.cat(seen).mean(0), val, ds.class_names, s, prep)
+    print(f"protocol 1 (Q={s}): {r1.error:.1f}% error ({took:.1f} s, {len(val)} "
+          f"images); a constant box: {const:.1f}%")
     for q in args.protocol2:
         start = time.time()
         r2 = protocol2_error(loc, clf.model.eval(), val, ds.class_names, (q,), prep)

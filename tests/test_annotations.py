@@ -24,12 +24,11 @@ def _outline_extent(p: synthetic.Placement, w: float, h: float) -> tuple[float, 
 
     if p.shape in synthetic.POLYGONS:
         corners = np.array(synthetic._place(synthetic.POLYGONS[p.shape], p.cx, p.cy, p.r, p.angle))
+        f = np.linspace(0, 1, 10_000)[:, None, None]
+        edge = (corners + f * (np.roll(corners, -1, 0) - corners)).reshape(-1, 2)
     else:
-        a = np.linspace(0, 2 * np.pi, 4000, endpoint=False)
-        corners = np.stack([p.cx + p.r * np.cos(a), p.cy + p.r * np.sin(a)], 1)
-    ends = np.roll(corners, -1, 0)
-    f = np.linspace(0, 1, 10_000)[:, None, None]
-    edge = (corners + f * (ends - corners)).reshape(-1, 2)
+        a = np.linspace(0, 2 * np.pi, 100_000, endpoint=False)
+        corners = edge = np.stack([p.cx + p.r * np.cos(a), p.cy + p.r * np.sin(a)], 1)
     edge = edge[(edge[:, 0] >= 0) & (edge[:, 0] <= w) & (edge[:, 1] >= 0) & (edge[:, 1] <= h)]
     frame = np.array([[0, 0], [w, 0], [w, h], [0, h]], float)
     pts = np.concatenate([edge, frame[Outline(corners).contains_points(frame)]])

@@ -53,7 +53,7 @@ def test_localizer_copies_every_layer_but_fc8(regression, outputs):
 
 
 def test_localizer_rejects_bad_settings():
-    with pytest.raises(ValueError, match="regression must be one of single-class, per-class; got 'pcr'"):
+    with pytest.raises(ValueError, match="must be one of single-class, per-class; got 'pcr'"):
         LocalizerSpec("pcr", 10)
     with pytest.raises(ValueError, match="needs fc8 with 40 outputs; the net has 3"):
         Localizer(tiny(), LocalizerSpec("per-class", 10))
@@ -100,7 +100,8 @@ def test_crop_target_takes_the_largest_visible_box():
     # not clipped: the target reaches beyond the crop's right edge (x2 = 40 > 32)
     assert crop_target(boxes, win).tolist() == pytest.approx([25 / 32, 15 / 32, 30 / 32, 20 / 32])
     flipped = Window((200, 100), (100, 50), (10, 5, 42, 37), flip=True)  # -> (-8, 5, 22, 25)
-    assert crop_target(boxes, flipped).tolist() == pytest.approx([7 / 32, 15 / 32, 30 / 32, 20 / 32])
+    assert crop_target(boxes, flipped).tolist() == pytest.approx([7 / 32, 15 / 32, 30 / 32,
+                                                                  20 / 32])
     assert crop_target(boxes[1:2], win) is None
     # 440 / 600 = 73% of the first box inside: taken at min_visible 0.73; at 0.74 the third
     # (wholly inside, though smaller) is, and alone nothing
@@ -205,7 +206,7 @@ def test_protocol1_hand_computed():
     with torch.no_grad():
         loc.net.classifier.fc8.weight.zero_()
         loc.net.classifier.fc8.bias.copy_(torch.tensor([0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.5, 0.5]))
-    win = Window((64, 64), (32, 32), (0, 0, 32, 32))  # crop (8, 8, 24, 24) -> image (16, 16, 48, 48)
+    win = Window((64, 64), (32, 32), (0, 0, 32, 32))  # crop (8, 8, 24, 24): image (16, 16, 48, 48)
     crops = torch.randn(4, 3, 32, 32)
     truth = [torch.tensor([[16.0, 16, 48, 48]]),
              torch.tensor([[16.0, 16, 48, 80]]),  # IoU 1024 / 2048 = 0.5: correct
@@ -226,7 +227,8 @@ def test_finetune_fc_freezes_the_conv_layers(bn):
         f"net.classifier.fc{i}.{w}" for i in (6, 7, 8) for w in ("weight", "bias")}
     before = {k: v.clone() for k, v in loc.state_dict().items()}
     opt = torch.optim.SGD(params, lr=1e-2)
-    x, labels, target = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), torch.rand(8, 4)
+    x, target = torch.randn(8, 3, 32, 32), torch.rand(8, 4)
+    labels = torch.zeros(8, dtype=torch.long)
     losses = []
     for _ in range(5):
         loss = box_loss(loc(x), labels, target)

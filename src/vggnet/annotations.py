@@ -47,7 +47,8 @@ def _number(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def write_box_csv(path: str | os.PathLike, annotations: Mapping[str, Sequence[LabelledBox]]) -> Path:
+def write_box_csv(path: str | os.PathLike,
+                  annotations: Mapping[str, Sequence[LabelledBox]]) -> Path:
     """Write ``annotations`` as a LOC_*_solution.csv (atomically), rows in the mapping's order."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -132,7 +133,8 @@ def read_box_xml(path: str | os.PathLike) -> tuple[str, tuple[int, int] | None, 
     return image, size, boxes
 
 
-def read_box_xml_folder(folder: str | os.PathLike) -> tuple[Annotations, dict[str, tuple[int, int]]]:
+def read_box_xml_folder(folder: str | os.PathLike
+                        ) -> tuple[Annotations, dict[str, tuple[int, int]]]:
     """Every *.xml under ``folder`` -> ({image id: boxes}, {image id: (width, height)})."""
     out: Annotations = {}
     sizes: dict[str, tuple[int, int]] = {}
@@ -211,7 +213,8 @@ def _image_size(path: str) -> tuple[int, int] | None:
         return None
 
 
-def attach_boxes(samples: Sequence[tuple[str, int]], annotations: Mapping[str, Sequence[LabelledBox]],
+def attach_boxes(samples: Sequence[tuple[str, int]],
+                 annotations: Mapping[str, Sequence[LabelledBox]],
                  sizes: Mapping[str, tuple[int, int]] | None = None,
                  ) -> tuple[list[BoxedSample], BoxReport]:
     """Pair (path, class index) samples with their boxes (looked up by the file name without

@@ -350,7 +350,8 @@ def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(
     workers = workers or os.cpu_count() or 1
     boxes: dict[str, dict[str, list[LabelledBox]]] = {split: {} for split in SPLITS}
     with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
-        for (_, _, split, _), (name, box) in zip(jobs, pool.map(_write, jobs, chunksize=64), strict=True):
+        done = pool.map(_write, jobs, chunksize=64)
+        for (_, _, split, _), (name, box) in zip(jobs, done, strict=True):
             boxes[split][name] = [box]
             if progress:
                 progress(1)
