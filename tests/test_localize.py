@@ -109,6 +109,9 @@ def test_crop_target_takes_the_largest_visible_box():
     assert crop_target(boxes, win, min_visible=0.74).tolist() == pytest.approx(
         [7.5 / 32, 6.5 / 32, 5 / 32, 7 / 32])
     assert crop_target(boxes[:1], win, min_visible=0.74) is None
+    # the whole image: a box larger than the crop that fills it (1024 of 5000 px inside)
+    assert crop_target(torch.tensor([[0.0, 0, 200, 100]]), win, min_visible=0.99).tolist() == \
+        pytest.approx([40 / 32, 20 / 32, 100 / 32, 50 / 32])
 
 
 def test_dense_boxes_hand_computed():

@@ -172,14 +172,16 @@ def decode(boxes: torch.Tensor, crop: int) -> torch.Tensor:
 def crop_target(boxes: torch.Tensor, window: Window, min_visible: float = 0.5
                 ) -> torch.Tensor | None:
     """A training crop's regression target: the stored image's ground-truth boxes (k, 4)
-    brought into the crop (rescaled, cropped, flipped: ``window``), encoded: of the boxes with
-    at least ``min_visible`` of their area inside the crop, the one with the most area inside
-    (OverFeat did not train on boxes overlapping the field of view by less than 50%); None
-    when there is none. Not clipped to the crop: the test compares boxes with the whole
-    object, so the net learns to reach beyond its view."""
+    brought into the crop (rescaled, cropped, flipped: ``window``), encoded. Of the boxes
+    whose part inside the crop covers at least ``min_visible`` of the box or of the crop
+    (whichever is smaller: an object larger than the crop counts when it fills the crop), the
+    one with the most area inside; None when there is none. OverFeat did not train on boxes
+    overlapping the field of view by less than 50%. Not clipped to the crop: the test compares
+    boxes with the whole object, so the net learns to reach beyond its view."""
     boxes = window.from_image(boxes)
     visible = area(clip(boxes, *window.size)[0])
-    visible = torch.where((visible > 0) & (visible >= min_visible * area(boxes)), visible, -1.0)
+    whole = torch.minimum(area(boxes), torch.tensor(float(window.size[0] * window.size[1])))
+    visible = torch.where((visible > 0) & (visible >= min_visible * whole), visible, -1.0)
     if not len(visible) or visible.max() < 0:
         return None
     return encode(boxes[visible.argmax()], window.size[0])
