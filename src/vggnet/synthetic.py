@@ -13,6 +13,12 @@ spread that neighbouring classes overlap), and some shapes are alike at small si
 The images are written as an image-folder tree (DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)
 so that training reads them through exactly the code path of real data. Image i of a split
 depends only on (seed, split, i): generation is parallel and repeatable.
+
+Each object's bounding box (``object_box``: the extent of the shape's pixels inside the
+frame, including parts hidden by clutter, as ImageNet's boxes include occluded parts) is
+written next to the images as DIR/LOC_train_solution.csv and DIR/LOC_val_solution.csv, in
+the format of ImageNet's localisation files (``vggnet.annotations``), the class name in
+place of the wnid and the file name without ".jpg" as the image id.
 """
 
 from __future__ import annotations
@@ -27,14 +33,18 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .annotations import LabelledBox, write_box_csv
+
 CLASSES = ("disc", "ring", "square", "bar", "triangle", "star", "cross", "hexagon", "crescent", "arrow")
 SPLITS = {"train": 0, "val": 1}
 MARKER = "synthetic.json"
-VERSION = 5  # bump when the rendering changes, so cached copies are regenerated
+VERSION = 6  # bump when the rendering or the files change, so cached copies are regenerated
+BOX_FILES = {"train": "LOC_train_solution.csv", "val": "LOC_val_solution.csv"}
 
 
 @dataclass(frozen=True)
@@ -213,8 +223,44 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int
                      fill=colour, width=int(rng.integers(1, 4)))
 
 
+class Placement(NamedTuple):
+    """Where an object was drawn: its shape, centre, radius (pixels) and rotation (radians)."""
+
+    shape: str
+    cx: float
+    cy: float
+    r: float
+    angle: float
+
+
+class Rendered(NamedTuple):
+    image: Image.Image
+    label: int
+    quality: int  # of the JPEG it is stored as
+    box: tuple[int, int, int, int]  # xyxy of the object's pixels (vggnet.boxes conventions)
+    placement: Placement
+
+
 def render(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Image, int, int]:
     """Image ``index`` of ``split``: (RGB image, class index, JPEG quality)."""
+    return render_all(spec, split, index)[:3]
+
+
+def object_box(spec: SyntheticSpec, split: str, index: int) -> tuple[int, int, int, int]:
+    """The bounding box of image ``index``'s object: (x1, y1, x2, y2), pixel columns x1 to
+    x2 - 1 and rows y1 to y2 - 1 of the image (``vggnet.boxes`` conventions), the extent of
+    every pixel of the shape inside the frame. Renders the image (a few milliseconds)."""
+    return render_all(spec, split, index).box
+
+
+def image_id(spec: SyntheticSpec, index: int) -> str:
+    """The file name of image ``index`` without ".jpg": the image id in the box files."""
+    name = spec.classes[index % spec.num_classes]
+    return f"{name}_{index:06d}"
+
+
+def render_all(spec: SyntheticSpec, split: str, index: int) -> Rendered:
+    """Image ``index`` of ``split`` with everything known about it."""
     rng = np.random.default_rng([spec.seed, SPLITS[split], index])
     label = index % spec.num_classes
     short = int(rng.integers(spec.min_side, spec.max_side + 1))
@@ -232,7 +278,9 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Image, in
     # anywhere, but mostly near the middle (as in photos); up to half a radius outside the frame
     cx = float(np.clip(rng.normal(w / 2, 0.2 * w), 0.5 * r, w - 0.5 * r))
     cy = float(np.clip(rng.normal(h / 2, 0.2 * h), 0.5 * r, h - 0.5 * r))
-    mask = _shape_mask(spec.classes[label], (w, h), cx, cy, r, rng.uniform(0, 2 * np.pi))
+    placement = Placement(spec.classes[label], cx, cy, r, rng.uniform(0, 2 * np.pi))
+    mask = _shape_mask(placement.shape, (w, h), cx, cy, r, placement.angle)
+    box = mask.getbbox()  # the shape's pixels (the mask is binary: no antialiasing)
     under = background[int(min(cy, h - 1)), int(min(cx, w - 1))]
     canvas.paste(_texture(rng, w, h, under, label, spec.num_classes), (0, 0), mask)
     _clutter(draw, rng, w, h, n_front)  # in front of the object
@@ -240,14 +288,28 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Image, in
     pixels = np.asarray(canvas, np.float32)
     pixels = pixels + rng.normal(0.0, rng.uniform(2, 10), pixels.shape).astype(np.float32)
     image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
-    return image, label, int(rng.integers(70, 96))
+    return Rendered(image, label, int(rng.integers(70, 96)), box, placement)
 
 
-def _write(job: tuple[SyntheticSpec, str, str, int]) -> None:
+def _write(job: tuple[SyntheticSpec, str, str, int]) -> tuple[str, LabelledBox]:
     spec, root, split, index = job
-    image, label, quality = render(spec, split, index)
-    path = Path(root) / split / spec.classes[label] / f"{spec.classes[label]}_{index:06d}.jpg"
-    image.save(path, quality=quality)
+    image, label, quality, box, _ = render_all(spec, split, index)
+    name = image_id(spec, index)
+    image.save(Path(root) / split / spec.classes[label] / f"{name}.jpg", quality=quality)
+    return name, LabelledBox(spec.classes[label], box)
+
+
+class _Serial:
+    """``pool.map`` in this process (one worker)."""
+
+    def map(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def is_made(root: str | os.PathLike, spec: SyntheticSpec) -> bool:
@@ -277,7 +339,8 @@ def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(
                              "choose an empty or new folder")
         for sub in ("train", "val"):
             shutil.rmtree(root / sub, ignore_errors=True)
-        (root / MARKER).unlink(missing_ok=True)
+        for name in (MARKER, *BOX_FILES.values()):
+            (root / name).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / ".incomplete").touch()
     for split in SPLITS:
@@ -285,16 +348,15 @@ def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(
             (root / split / c).mkdir(parents=True, exist_ok=True)
     jobs = [(spec, str(root), split, i) for split in SPLITS for i in range(spec.count(split))]
     workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        for job in jobs:
-            _write(job)
+    boxes: dict[str, dict[str, list[LabelledBox]]] = {split: {} for split in SPLITS}
+    with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
+        done = pool.map(_write, jobs, chunksize=64)
+        for (_, _, split, _), (name, box) in zip(jobs, done, strict=True):
+            boxes[split][name] = [box]
             if progress:
                 progress(1)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for _ in pool.map(_write, jobs, chunksize=64):
-                if progress:
-                    progress(1)
+    for split, rows in boxes.items():
+        write_box_csv(root / BOX_FILES[split], rows)
     meta = {"version": VERSION, "spec": dataclasses.asdict(spec), "classes": list(spec.classes),
             "counts": {s: spec.count(s) for s in SPLITS},
             "about": "synthetic shapes on cluttered backgrounds, generated by vggnet.synthetic"}

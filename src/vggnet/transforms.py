@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .boxes import Window
 from .image import BadImageError, Decoded, load_rgb_reduced, shorter_side_size
 from .preprocess import Preprocessing
 
@@ -146,13 +147,23 @@ class TrainTransform:
         alpha = rng.normal(0.0, self.pca_std, 3).astype(np.float32)
         return {"s": s, "u": float(u), "v": float(v), "flip": flip, "alpha": alpha}
 
-    def apply(self, path: str | os.PathLike, choice: dict) -> np.ndarray:
+    def window(self, full_size: tuple[int, int], choice: dict) -> Window:
+        """Where ``choice`` takes the crop of an image of ``full_size`` (w, h) from; its boxes
+        follow the crop with ``Window.from_image``."""
         s, c = choice["s"], self.crop_size
-        decoded = load_rgb_reduced(path, s)
-        rw, rh = shorter_side_size(decoded.full_size, s)
+        rw, rh = shorter_side_size(full_size, s)
         x0 = min(int(choice["u"] * (rw - c + 1)), rw - c)
         y0 = min(int(choice["v"] * (rh - c + 1)), rh - c)
-        return crop_resized(decoded, s, (x0, y0, x0 + c, y0 + c), choice["flip"])
+        return Window(tuple(full_size), (rw, rh), (x0, y0, x0 + c, y0 + c), choice["flip"])
+
+    def view(self, path: str | os.PathLike, choice: dict) -> tuple[np.ndarray, Window]:
+        """The crop of ``choice`` and its window in the image."""
+        decoded = load_rgb_reduced(path, choice["s"])
+        win = self.window(decoded.full_size, choice)
+        return crop_resized(decoded, choice["s"], win.box, win.flip), win
+
+    def apply(self, path: str | os.PathLike, choice: dict) -> np.ndarray:
+        return self.view(path, choice)[0]
 
     def __call__(self, path: str | os.PathLike,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -174,16 +185,25 @@ class EvalTransform:
             raise ValueError(f"test scale Q={self.size} is smaller than the crop {self.crop_size}; "
                              "use Q >= crop size")
 
-    def __call__(self, path: str | os.PathLike) -> np.ndarray:
-        decoded = load_rgb_reduced(path, self.size)
-        rw, rh = shorter_side_size(decoded.full_size, self.size)
+    def window(self, full_size: tuple[int, int]) -> Window:
+        """The central crop (or the whole rescaled image) of an image of ``full_size`` (w, h)."""
+        rw, rh = shorter_side_size(full_size, self.size)
         if self.crop_size is None:
             box = (0, 0, rw, rh)
         else:
             c = self.crop_size
             x0, y0 = int(round((rw - c) / 2)), int(round((rh - c) / 2))
             box = (x0, y0, x0 + c, y0 + c)
-        return crop_resized(decoded, self.size, box)
+        return Window(tuple(full_size), (rw, rh), box)
+
+    def view(self, path: str | os.PathLike) -> tuple[np.ndarray, Window]:
+        """The test image and its window in the stored image."""
+        decoded = load_rgb_reduced(path, self.size)
+        win = self.window(decoded.full_size)
+        return crop_resized(decoded, self.size, win.box), win
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        return self.view(path)[0]
 
 
 # --- dataset statistics -----------------------------------------------------------------------
