@@ -309,15 +309,20 @@ def test_read_only_outputs_are_refused(tmp_path):
     old.write_bytes(b"")
     out = _in_namespace(tmp_path, f"mount -t tmpfs tmpfs {ro} && mount -o remount,ro {ro} && "
                         f"mount --bind {old} {old} && mount -o remount,bind,ro {old}", f"""
-        from vggnet.checkpoint import check_writable_output
+        from vggnet.checkpoint import check_output_folder, check_writable_output
         for path in ("{ro}/new.npz", "{old}"):
             try:
                 check_writable_output(path, "features", (".npz",))
             except PermissionError as e:
                 print(e)
+        try:
+            check_output_folder("{ro}/a/b", "evaluation")
+        except PermissionError as e:
+            print(e)
         """)
     assert f"cannot write features output '{ro}/new.npz': the folder '{ro}' is read-only" in out
     assert f"features output '{old}' exists and is read-only; remove it or choose another" in out
+    assert f"cannot write evaluation folder '{ro}/a/b': the folder '{ro}' is read-only" in out
 
 
 SAVE_ON_A_SMALL_DISK = """
@@ -398,3 +403,72 @@ def test_write_error_is_not_raised_for_other_failures(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert issubclass(WriteError, OSError)
     check_writable_output(tmp_path / "fine.npz", "features", (".npz",))
+
+
+def test_temporaries_of_a_write_killed_midway_are_found_and_removed(tmp_path):
+    """A real SIGKILL in the middle of atomic_write: the target keeps its old content, the
+    temporary stays behind, and remove_temporaries (for the next start, under the lock)
+    deletes it and nothing else."""
+    from vggnet.checkpoint import remove_temporaries
+
+    (tmp_path / "last.pt").write_bytes(b"old")
+    (tmp_path / ".hidden.tmp").write_bytes(b"not ours")  # no mkstemp part: kept
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from vggnet.checkpoint import atomic_write
+
+        def slow(f):
+            f.write(b"x" * 100_000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(600)
+
+        atomic_write(sys.argv[1], slow)
+        """), str(tmp_path / "last.pt")], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=SRC))
+    assert p.stdout.readline().strip() == "writing"
+    p.kill()
+    p.wait(timeout=60)
+    left = [f for f in tmp_path.iterdir() if f.name.startswith(".last.pt.")]
+    assert len(left) == 1 and left[0].stat().st_size == 100_000
+    assert (tmp_path / "last.pt").read_bytes() == b"old"
+    assert remove_temporaries(tmp_path) == left
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".hidden.tmp", "last.pt"]
+
+
+def test_output_folders_are_checked_without_creating_anything(tmp_path):
+    from vggnet.checkpoint import check_output_folder
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"evaluation folder .*file' is a file; give a folder"):
+        check_output_folder(tmp_path / "file", "evaluation")
+    with pytest.raises(NotADirectoryError, match=r"file' is a file, not a folder"):
+        check_output_folder(tmp_path / "file" / "sub", "evaluation")
+    assert check_output_folder(tmp_path / "new" / "deeper", "evaluation") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checksum_of_gpu_tensors_holds_wherever_they_are_loaded(tmp_path):
+    obj = {"w": torch.randn(1000, device="cuda").bfloat16(), "n": 3}
+    p = atomic_save(obj, tmp_path / "g.pt")
+    assert load_checkpoint(p)["w"].device.type == "cpu"
+    assert torch.equal(load_checkpoint(p, map_location="cuda")["w"], obj["w"])
+
+
+def test_foreign_torch_files_get_no_checksum_note(tmp_path, monkeypatch, capsys):
+    """A torchvision state dict never has a vggnet checksum: no note about an 'older vggnet'."""
+    from vggnet.convert import import_weights
+
+    monkeypatch.setattr(integrity, "_noted", False)
+    net = _net()
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    fcs = [net.classifier.fc6, net.classifier.fc7, net.classifier.fc8]
+    state = {}
+    for i, m in enumerate(convs):
+        state |= {f"features.{2 * i}.weight": m.weight, f"features.{2 * i}.bias": m.bias}
+    for i, m in zip((0, 3, 6), fcs, strict=True):
+        state |= {f"classifier.{i}.weight": m.weight, f"classifier.{i}.bias": m.bias}
+    torch.save({k: v.detach() for k, v in state.items()}, tmp_path / "tv.pth")
+    import_weights(tmp_path / "tv.pth", model="C")
+    assert "checksum" not in capsys.readouterr().err

@@ -16,11 +16,18 @@ import vggnet
 from vggnet.runlock import LOCK_NAME, RunFolderLocked, RunLock
 
 SRC = str(Path(vggnet.__file__).resolve().parents[1])
+# runlock.py alone, without the package (whose __init__ imports torch: 2 s a process)
+LOAD = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("runlock", {str(Path(SRC) / "vggnet" / "runlock.py")!r})
+runlock = sys.modules["runlock"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runlock)
+RunLock, RunFolderLocked = runlock.RunLock, runlock.RunFolderLocked
+"""
 
 # holds the lock until its stdin closes; says "held" (and any note) once it has it
 HOLDER = """
     import sys
-    from vggnet.runlock import RunLock
     with RunLock(sys.argv[1], command="vggnet train --out " + sys.argv[1]):
         print("held", flush=True)
         sys.stdin.read()
@@ -29,7 +36,6 @@ HOLDER = """
 # one attempt: prints "got" and the note, or "refused" and the message
 TRY = """
     import sys
-    from vggnet.runlock import RunFolderLocked, RunLock
     lock = RunLock(sys.argv[1], command="second")
     try:
         note = lock.acquire()
@@ -42,7 +48,7 @@ TRY = """
 
 
 def _python(code: str, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], text=True,
+    return subprocess.Popen([sys.executable, "-c", LOAD + textwrap.dedent(code), *args], text=True,
                             stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=SRC), **kw)
 
 
@@ -110,7 +116,6 @@ def test_in_process_second_lock_and_reacquire(tmp_path):
 # file with O_EXCL, which fails if another process holds the lock at the same moment
 CHURN = """
     import os, sys, time
-    from vggnet.runlock import RunFolderLocked, RunLock
     folder, n = sys.argv[1], int(sys.argv[2])
     while not os.path.exists(os.path.join(folder, "go")):
         time.sleep(0.01)
@@ -141,3 +146,29 @@ def test_contending_processes_never_hold_it_together(tmp_path):
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0] and outs == ["100"] * 3
     assert sorted(f.name for f in folder.iterdir()) == ["go"]
+
+
+def test_children_of_a_dead_holder_keep_the_lock_and_the_message_says_so(tmp_path):
+    """A forked child (a DataLoader worker) shares the lock; after the holder's death the lock
+    lasts as long as the child, and the refusal explains why a dead pid still holds it."""
+    folder = tmp_path / "run"
+    p = _python("""
+        import os, sys
+        RunLock(sys.argv[1], command="parent").acquire()
+        if os.fork() == 0:  # the child inherits the locked file
+            sys.stdin.read()
+            os._exit(0)
+        print("held", flush=True)
+        os._exit(0)  # the parent dies without releasing
+        """, str(folder), stdin=subprocess.PIPE)
+    assert p.stdout.readline().strip() == "held"
+    p.wait(timeout=60)
+    out = _try(folder)
+    assert out.startswith("refused") and f"pid {p.pid}" in out
+    assert "which has exited but whose child processes still hold the lock" in out
+    p.stdin.close()  # the child exits
+    for _ in range(100):
+        out = _try(folder)
+        if out.startswith("got"):
+            break
+    assert out.startswith("got note: took over") and "no longer running" in out

@@ -4,6 +4,7 @@ without unpickling arbitrary objects and verified against the checksum stored in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -17,6 +18,8 @@ from . import integrity
 
 # a folder given where a file was expected: these are the files worth pointing at inside it
 LOADABLE_SUFFIXES = (".pt", ".pth", ".safetensors")
+# atomic_write's temporary files: "." + the target's name + "." + mkstemp's 8 characters + ".tmp"
+TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 class WriteError(OSError):
@@ -134,16 +137,44 @@ def check_writable_output(path: str | os.PathLike, kind: str,
     if not parent.exists():
         raise FileNotFoundError(f"the folder {str(parent)!r} of {kind} output {str(path)!r} does "
                                 "not exist; create it first")
-    if not parent.is_dir():
-        raise NotADirectoryError(f"{kind} output {str(path)!r}: {str(parent)!r} is a file, not a "
-                                 "folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {kind} output {str(path)!r}: the folder "
-                              f"{str(parent)!r} is read-only for this user; choose another place")
+    _check_writable_folder(parent, f"{kind} output {str(path)!r}")
     if path.exists() and not os.access(path, os.W_OK):
         raise PermissionError(f"{kind} output {str(path)!r} exists and is read-only; remove it or "
                               "choose another name")
     return path
+
+
+def check_output_folder(path: str | os.PathLike, kind: str) -> Path:
+    """Check, before any work, that ``path`` can be (or already is) a writable folder for a
+    ``kind`` output (e.g. "evaluation"): not a file, and the folder or, if it is still to be
+    made, its nearest existing ancestor writable. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{kind} folder {str(path)!r} is a file; give a folder (it is "
+                                 "created if needed)")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    _check_writable_folder(existing, f"{kind} folder {str(path)!r}")
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {what}: the folder {str(folder)!r} is read-only for "
+                              "this user; choose another place")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_write`` left in ``folder`` when its process was
+    killed mid-write (``.NAME.XXXXXXXX.tmp``); returns them. Only safe while no other process
+    writes the folder: call it holding the folder's lock (runlock.RunLock)."""
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        if p.is_file() and TEMPORARY.fullmatch(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, verify: bool = True) -> dict:

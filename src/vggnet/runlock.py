@@ -92,6 +92,8 @@ class RunLock:
                 holder = Holder.parse(_read(fd))
                 os.close(fd)
                 who = holder.describe() if holder else "another process (not yet recorded)"
+                if holder and holder.host == socket.gethostname() and not holder.running():
+                    who += ", which has exited but whose child processes still hold the lock"
                 raise RunFolderLocked(
                     f"run folder {str(self.folder)!r} is in use by {who}; wait for it to finish "
                     "or stop it, or choose another --out") from None

@@ -136,12 +136,15 @@ def read_file(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str
     path = Path(path)
     source = repr(str(path))
     kind = file_kind(path)
-    if kind in ("hdf5", "other"):
+    if kind == "hdf5":
+        raise ValueError(f"{source} is a Keras HDF5 file, not vggnet weights; import it with "
+                         f"`vggnet convert {path} OUT.safetensors`")
+    if kind == "other":
         with open(path, "rb") as f:
             head = f.read(16)
         raise ValueError(f"{source} is neither a vggnet weights file nor a checkpoint (it begins "
                          f"{head!r}); {integrity.other_copy_hint(path)}, or import foreign weights "
-                         "(Keras .h5, Caffe) with `vggnet convert`")
+                         "(Caffe) with `vggnet convert`")
     if kind == "torch":
         ckpt = load_checkpoint(path, verify=verify)
         if "model_config" not in ckpt or not isinstance(ckpt.get("model"), dict):
