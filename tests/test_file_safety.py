@@ -89,7 +89,8 @@ def test_a_small_file_claiming_a_huge_net_is_refused_in_bounded_memory(tmp_path,
     out = json.loads(r.stdout)
     assert out["error"] is not None and out["error"].startswith("ValueError: "), out
     assert str(bad) in out["error"] and "width 64" in out["error"]
-    assert "features.conv1_1.weight has shape [4, 3, 3, 3] in the file and [4096, 3, 3, 3]" in out["error"]
+    assert ("features.conv1_1.weight has shape [4, 3, 3, 3] in the file and [4096, 3, 3, 3]"
+            in out["error"])
     assert "\n" not in out["error"]
     assert out["peak_rss_mib"] < 1024 and out["seconds"] < 10, out
     print(f"refused in {out['seconds'] * 1000:.0f} ms, peak RSS {out['peak_rss_mib']:.0f} MiB")
@@ -103,7 +104,8 @@ def test_impossible_claims_are_refused_before_any_arithmetic(tmp_path):
                           ({"crop_size": 10**9}, "crop_size must be a number <= 8192"),
                           ({"in_channels": 3000}, "in_channels must be a number <= 1024"),
                           ({"arch": ["D"]}, "impossible model config"),
-                          ({"num_classes": 5}, "classifier.fc8.weight has shape [4, 256] in the file")]:
+                          ({"num_classes": 5},
+                           "classifier.fc8.weight has shape [4, 256] in the file")]:
         bad = _edit_metadata(good, tmp_path / "bad.safetensors", **change)
         with pytest.raises(ValueError, match="bad.safetensors") as e:
             load_model(bad)
@@ -191,7 +193,8 @@ def test_flipped_bytes_in_a_weights_file_are_refused(tmp_path):
     load_model(p)
     header = int.from_bytes(p.read_bytes()[:8], "little")
     _flip(p, 8 + header + (p.stat().st_size - 8 - header) // 2)
-    with pytest.raises(integrity.CorruptFileError, match=r"w.safetensors' is corrupt: .*restore it from a copy"):
+    with pytest.raises(integrity.CorruptFileError,
+                       match=r"w.safetensors' is corrupt: .*restore it from a copy"):
         load_model(p)
 
 
@@ -226,7 +229,8 @@ def test_files_without_a_checksum_load_with_one_note(tmp_path, monkeypatch, caps
 
 
 def test_digest_is_the_same_after_a_round_trip_and_differs_on_any_change():
-    obj = {"a": torch.arange(6.0).view(2, 3).t(), "b": [1, 2.5, "x", None, True], 3: (torch.zeros(0),)}
+    obj = {"a": torch.arange(6.0).view(2, 3).t(), "b": [1, 2.5, "x", None, True],
+           3: (torch.zeros(0),)}
     d = integrity.content_digest(obj)
     assert d == integrity.content_digest({3: [torch.zeros(0)], "b": [1, 2.5, "x", None, True],
                                           "a": torch.tensor([[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]])})
@@ -245,16 +249,20 @@ def test_empty_text_and_folder_inputs_get_one_line_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"last.pt' is empty \(0 bytes\).*--resume .*best.pt"):
         load_checkpoint(run / "last.pt")
     (run / "last.pt").write_text("epoch 12 went fine\n")
-    with pytest.raises(ValueError, match=r"last.pt' is not a PyTorch checkpoint \(it begins b'epoch 12"):
+    with pytest.raises(ValueError,
+                       match=r"last.pt' is not a PyTorch checkpoint \(it begins b'epoch 12"):
         load_checkpoint(run / "last.pt")
-    with pytest.raises(ValueError, match=r"run' is a folder, not a file \(it holds best.pt, last.pt\)"):
+    with pytest.raises(ValueError,
+                       match=r"run' is a folder, not a file \(it holds best.pt, last.pt\)"):
         load_model(run)
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 40)).save(image)
     for argv, words in [(["predict", str(image), "--weights", str(run)], "is a folder, not a file"),
                         (["predict", str(image), "--weights", str(run / "last.pt")],
-                         "last.pt' is neither a vggnet weights file nor a checkpoint (it begins b'epoch"),
-                        (["convert", str(run), str(tmp_path / "o.safetensors")], "is a folder, not a file")]:
+                         "last.pt' is neither a vggnet weights file nor a checkpoint (it begins "
+                         "b'epoch"),
+                        (["convert", str(run), str(tmp_path / "o.safetensors")],
+                         "is a folder, not a file")]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
@@ -272,7 +280,8 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys):
         assert main(["convert", str(src), str(out)]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
-    with pytest.raises(ValueError, match=r"features output .*f.txt' must end in .npz or .safetensors"):
+    with pytest.raises(ValueError,
+                       match=r"features output .*f.txt' must end in .npz or .safetensors"):
         save_features(tmp_path / "f.txt", {"x": torch.zeros(2)}, {})
     for name in ("f.npz", "f.safetensors"):
         save_features(tmp_path / name, {"x": torch.ones(2)}, {"k": 1})
@@ -296,7 +305,8 @@ def _namespace_prefix(tmp_path: Path) -> list[str]:
 def _in_namespace(tmp_path: Path, mounts: str, code: str):
     r = subprocess.run([*_namespace_prefix(tmp_path), "sh", "-c",
                         f"{mounts} && exec {sys.executable} -c \"$0\"", textwrap.dedent(code)],
-                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=SRC))
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=SRC))
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -344,7 +354,8 @@ SAVE_ON_A_SMALL_DISK = """
 def _check_failed_save(out: str, reason: str) -> None:
     error = next(line for line in out.splitlines() if line.startswith("ERROR"))
     assert reason in error and "last.pt" in error
-    assert "nothing was replaced (the existing last.pt is unchanged, and every earlier file is intact)" in error
+    assert ("nothing was replaced (the existing last.pt is unchanged, and every earlier file is "
+            "intact)") in error
     assert "FILES ['last.pt']" in out  # no temporary file left behind
     assert "KEPT True" in out
 
@@ -440,11 +451,13 @@ def test_output_folders_are_checked_without_creating_anything(tmp_path):
     from vggnet.checkpoint import check_output_folder
 
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match=r"evaluation folder .*file' is a file; give a folder"):
+    with pytest.raises(NotADirectoryError,
+                       match=r"evaluation folder .*file' is a file; give a folder"):
         check_output_folder(tmp_path / "file", "evaluation")
     with pytest.raises(NotADirectoryError, match=r"file' is a file, not a folder"):
         check_output_folder(tmp_path / "file" / "sub", "evaluation")
-    assert check_output_folder(tmp_path / "new" / "deeper", "evaluation") == tmp_path / "new" / "deeper"
+    deeper = tmp_path / "new" / "deeper"
+    assert check_output_folder(deeper, "evaluation") == deeper
     assert not (tmp_path / "new").exists()
 
 

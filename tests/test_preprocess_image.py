@@ -90,9 +90,11 @@ def test_float_tiff_in_0_1_is_scaled_to_0_255(tmp_path):
     p = _save(tmp_path, "f.tif", Image.fromarray(a, "F"))
     got = np.asarray(load_rgb(p))
     assert got.shape == (32, 64, 3)
-    np.testing.assert_array_equal(got[..., 0], np.clip(a.astype(np.float64) * 255 + 0.5, 0, 255).astype(np.uint8))
+    expected = np.clip(a.astype(np.float64) * 255 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(got[..., 0], expected)
     assert (got[..., 0] == got[..., 2]).all() and got.max() == 255
-    big = _save(tmp_path, "f255.tif", Image.fromarray(a * 200, "F"))  # floats in 0-255 stay as they are
+    # floats in 0-255 stay as they are
+    big = _save(tmp_path, "f255.tif", Image.fromarray(a * 200, "F"))
     assert np.asarray(load_rgb(big)).max() == 200
 
 

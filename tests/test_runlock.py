@@ -17,9 +17,10 @@ from vggnet.runlock import LOCK_NAME, RunFolderLocked, RunLock
 
 SRC = str(Path(vggnet.__file__).resolve().parents[1])
 # runlock.py alone, without the package (whose __init__ imports torch: 2 s a process)
+RUNLOCK = str(Path(SRC) / "vggnet" / "runlock.py")
 LOAD = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("runlock", {str(Path(SRC) / "vggnet" / "runlock.py")!r})
+spec = importlib.util.spec_from_file_location("runlock", {RUNLOCK!r})
 runlock = sys.modules["runlock"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(runlock)
 RunLock, RunFolderLocked = runlock.RunLock, runlock.RunFolderLocked
@@ -96,7 +97,8 @@ def test_a_killed_holder_is_taken_over_with_a_note(holder):
     p.wait(timeout=60)
     assert json.loads((folder / LOCK_NAME).read_text())["pid"] == p.pid  # left behind
     out = _try(folder)
-    assert out.startswith(f"got note: took over the lock of {str(folder)!r} left by pid {p.pid} on ")
+    assert out.startswith(f"got note: took over the lock of {str(folder)!r} left by pid {p.pid} "
+                          "on ")
     assert out.endswith("which is no longer running")
 
 

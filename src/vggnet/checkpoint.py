@@ -88,7 +88,8 @@ def _write_failed(path: Path, e: OSError) -> str:
         free = f", {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
     except OSError:
         pass
-    kept = f"the existing {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+    kept = (f"the existing {path.name} is unchanged" if path.exists()
+            else f"no {path.name} was written")
     return (f"cannot write {str(path)!r}: {e.strerror or e}{free}; nothing was replaced ({kept}, "
             "and every earlier file is intact); free some space or fix the folder, then try again")
 
@@ -107,15 +108,17 @@ def check_input_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in LOADABLE_SUFFIXES)
-        found = f"it holds {', '.join(inside[:5])}" if inside else "it holds no .pt or .safetensors file"
+        found = (f"it holds {', '.join(inside[:5])}" if inside
+                 else "it holds no .pt or .safetensors file")
         example = path / (inside[0] if inside else "best.pt")
         raise ValueError(f"{what} {str(path)!r} is a folder, not a file ({found}); give the file "
                          f"itself, e.g. {str(example)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     if path.stat().st_size == 0:
-        raise ValueError(f"{what} {str(path)!r} is empty (0 bytes): it was never completely written "
-                         f"(a crash or a full disk while saving?); {integrity.other_copy_hint(path)}")
+        raise ValueError(f"{what} {str(path)!r} is empty (0 bytes): it was never completely "
+                         "written (a crash or a full disk while saving?); "
+                         f"{integrity.other_copy_hint(path)}")
     return path
 
 
@@ -209,8 +212,8 @@ def _check_torch_file(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:2] != b"PK" and head[:1] != b"\x80":
-        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint (it begins {head!r}, neither a "
-                         f"zip nor a pickle); {integrity.other_copy_hint(path)}")
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint (it begins {head!r}, "
+                         f"neither a zip nor a pickle); {integrity.other_copy_hint(path)}")
     if head[:2] == b"PK":
         try:
             with zipfile.ZipFile(path) as z:

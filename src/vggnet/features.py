@@ -122,7 +122,8 @@ def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
         return atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
     from safetensors.torch import save
 
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"vggnet": json.dumps(meta)})
+    data = save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={"vggnet": json.dumps(meta)})
     return atomic_write(path, lambda f: f.write(data))
 
 

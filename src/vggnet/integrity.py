@@ -96,7 +96,8 @@ def verify(stored: dict | None, content, path: str | Path) -> None:
     if content_digest(content) != stored.get("digest"):
         raise CorruptFileError(
             f"{str(path)!r} is corrupt: its content does not match the SHA-256 checksum stored "
-            f"when it was written (a disk, copy or transfer error, or an edit); {other_copy_hint(path)}")
+            "when it was written (a disk, copy or transfer error, or an edit); "
+            f"{other_copy_hint(path)}")
 
 
 _noted = False

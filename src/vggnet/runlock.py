@@ -39,8 +39,9 @@ class Holder:
 
     @classmethod
     def current(cls, command: str | None = None) -> Holder:
-        return cls(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S"),
-                   command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        if command is None:
+            command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        return cls(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S"), command)
 
     @classmethod
     def parse(cls, text: str) -> Holder | None:

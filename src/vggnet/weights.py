@@ -64,7 +64,8 @@ def file_kind(path: str | os.PathLike) -> str:
     path = check_input_file(path, "weights file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+    header_length = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and head[8:9] == b"{" and header_length <= path.stat().st_size - 8:
         return "safetensors"
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return "torch"
@@ -87,7 +88,8 @@ def shape_difference(expected: Mapping[str, Sequence[int]], actual: Mapping[str,
     unexpected = [k for k in actual if k not in expected]
     if missing or unexpected:
         return "; ".join(f"{what} {names[:3]}{'...' if len(names) > 3 else ''}"
-                         for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
+                         for what, names in (("missing", missing), ("unexpected", unexpected))
+                         if names)
     for k, shape in expected.items():
         if tuple(actual[k]) != tuple(shape):
             return f"{k} has shape {list(actual[k])} in the file and {list(shape)} {expected_in}"
@@ -118,7 +120,8 @@ def check_state_fits(config: VGGConfig, state: Mapping[str, torch.Tensor | Seque
     shapes of ``config``'s net. Nothing is built or allocated: call it before building a net
     from a config that came from a file, so that a small file claiming a huge net costs
     nothing. ``claim``: where the config came from, for the message."""
-    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state.items()}
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+              for k, v in state.items()}
     problem = shape_difference(state_shapes(config), shapes, expected_in="by that config")
     if problem:
         raise ValueError(f"{source} holds tensors that do not fit the {describe_config(config)} "
@@ -127,7 +130,8 @@ def check_state_fits(config: VGGConfig, state: Mapping[str, torch.Tensor | Seque
 
 
 # --- reading -----------------------------------------------------------------------------------
-def read_file(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def read_file(path: str | os.PathLike, *,
+              verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, metadata) from a vggnet weights file or training checkpoint.
 
     The metadata's model config is checked against the tensors' shapes (read from the
@@ -149,7 +153,8 @@ def read_file(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str
         ckpt = load_checkpoint(path, verify=verify)
         if "model_config" not in ckpt or not isinstance(ckpt.get("model"), dict):
             raise ValueError(f"{source} is a torch file but not a vggnet checkpoint (no "
-                             "'model_config'/'model' keys); import foreign weights with `vggnet convert`")
+                             "'model_config'/'model' keys); import foreign weights with "
+                             "`vggnet convert`")
         state = ckpt["model"]
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{source}: its 'model' entry holds things other than tensors")
@@ -199,12 +204,15 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model = build(VGGConfig.from_dict(meta["model_config"]), init=None)
     load_state_checked(model, state, source=str(path))
     model.to(map_location).eval()
-    prep = Preprocessing.from_dict(meta["preprocessing"]) if meta.get("preprocessing") else Preprocessing()
-    rest = {k: v for k, v in meta.items() if k not in ("model_config", "preprocessing", "class_names")}
+    prep = (Preprocessing.from_dict(meta["preprocessing"]) if meta.get("preprocessing")
+            else Preprocessing())
+    rest = {k: v for k, v in meta.items()
+            if k not in ("model_config", "preprocessing", "class_names")}
     return LoadedModel(model, prep, meta.get("class_names"), rest)
 
 
-def load_state_checked(model: VGG, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+def load_state_checked(model: VGG, state: dict[str, torch.Tensor],
+                       source: str = "state dict") -> None:
     """Load ``state`` only if every key and shape matches; otherwise leave the model untouched
     and name the first difference."""
     problem = shape_difference({k: v.shape for k, v in model.state_dict().items()},
