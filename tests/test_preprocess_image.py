@@ -65,8 +65,38 @@ def test_truncated_and_bomb(tmp_path, monkeypatch):
     with pytest.raises(BadImageError, match="t.jpg: cannot decode"):
         load_rgb(p)
     monkeypatch.setattr(image, "MAX_PIXELS", 100)
-    with pytest.raises(BadImageError, match="decompression-bomb limit"):
+    with pytest.raises(BadImageError, match="20x20 pixels: decompression bomb refused: more than "
+                       "the limit of 100 pixels"):
         load_rgb(_save(tmp_path, "big.png", Image.new("RGB", (20, 20))))
+
+
+def test_one_pixel_limit_for_every_format(tmp_path):
+    """Pillow's own limit (89.5 M) refused a PNG that a JPEG of the same size passed (256 M):
+    now both are held to MAX_PIXELS. The PNGs below only claim their size (no pixel data), so
+    one under the limit fails as truncated, after the size check, and one over it is a bomb."""
+    from imagefiles import bomb_png
+
+    under = bomb_png(tmp_path / "under.png", side=10_000)  # 100 M pixels
+    with pytest.raises(BadImageError, match="under.png: cannot decode: .*truncated"):
+        load_rgb(under)
+    over = bomb_png(tmp_path / "over.png", side=17_000)  # 289 M pixels
+    with pytest.raises(BadImageError, match="over.png: decompression bomb refused: more than the "
+                       "limit of 256,000,000 pixels .*the same for every format"):
+        load_rgb(over)
+
+
+def test_float_tiff_in_0_1_is_scaled_to_0_255(tmp_path):
+    """A float TIFF holds intensities with white = 1.0; it decoded almost black (x / 255)."""
+    a = np.linspace(0.0, 1.0, 64 * 32, dtype=np.float32).reshape(32, 64)
+    p = _save(tmp_path, "f.tif", Image.fromarray(a, "F"))
+    got = np.asarray(load_rgb(p))
+    assert got.shape == (32, 64, 3)
+    expected = np.clip(a.astype(np.float64) * 255 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(got[..., 0], expected)
+    assert (got[..., 0] == got[..., 2]).all() and got.max() == 255
+    # floats in 0-255 stay as they are
+    big = _save(tmp_path, "f255.tif", Image.fromarray(a * 200, "F"))
+    assert np.asarray(load_rgb(big)).max() == 200
 
 
 def test_resize_shorter():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, preprocess
-from .checkpoint import load_checkpoint
+from .checkpoint import check_input_file, check_writable_output, load_checkpoint
 from .imagenet import NUM_CLASSES, imagenet_wnids
 from .model import CFGS, VGGConfig, build, resolve_name
 from .preprocess import Preprocessing
@@ -308,7 +308,9 @@ def read_source(path: str | os.PathLike, prototxt: str | os.PathLike | None = No
             if "vggnet" in (f.metadata() or {}):
                 return load_model(path)
         return torchvision_source(load_file(str(path)), repr(str(path)))
-    state = load_checkpoint(path)  # weights_only=True: a malicious pickle is refused here
+    # weights_only=True: a malicious pickle is refused here. Foreign files carry no vggnet
+    # checksum (--sha256 checks them); our own are verified by load_model.
+    state = load_checkpoint(path, verify=False)
     if "model_config" in state:  # our own training checkpoint
         return load_model(path)
     return torchvision_source(state, repr(str(path)))
@@ -321,7 +323,7 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
     ``model`` ("D", "vgg19", "A-LRN", ...) overrides the column inferred from the file;
     ``sha256`` (hex digest or prefix) is checked before the file is parsed.
     """
-    digest = file_sha256(path, sha256)
+    digest = file_sha256(check_input_file(path, "weights file"), sha256)
     src = read_source(path, prototxt)
     if isinstance(src, LoadedModel):
         if model is not None and resolve_name(model) != (src.model.config.arch, src.model.config.batch_norm):
@@ -340,7 +342,10 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
 
 def convert(path: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
             sha256: str | None = None, prototxt: str | os.PathLike | None = None) -> LoadedModel:
-    """``import_weights`` then write our safetensors format (config, preprocessing, classes)."""
+    """``import_weights`` then write our safetensors format (config, preprocessing, classes).
+    ``out`` is checked first (a .safetensors name in a writable folder), so that a bad output
+    costs no conversion; a write that fails (a full disk) replaces nothing."""
+    check_writable_output(out, "converted weights", (".safetensors",))
     loaded = import_weights(path, model=model, sha256=sha256, prototxt=prototxt)
     save_weights(out, loaded.model, loaded.preprocessing, loaded.class_names,
                  loaded.meta.get("provenance"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write, check_writable_output
 from .image import list_images
 from .progress import progress_bar
 from .protocol import transfer_scales
@@ -25,6 +26,7 @@ from .settings import FeaturesSettings
 from .transforms import EvalTransform, chw
 from .weights import LoadedModel, load_model
 
+FEATURE_SUFFIXES = (".npz", ".safetensors")  # the two formats save_features writes
 TRANSFER_LAYER = "relu7"  # FC7 after ReLU: the paper's 4096-d image descriptor
 
 
@@ -98,23 +100,29 @@ def extract_files(loaded: LoadedModel, paths: Sequence[str | os.PathLike],
 
 
 def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """``.npz`` (numpy arrays plus a JSON "meta" string) or safetensors (metadata in the header)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npz":
-        np.savez(path, meta=np.array(json.dumps(meta)),
-                 **{k: v.numpy() for k, v in tensors.items()})
-    else:
-        from safetensors.torch import save_file
+    """``.npz`` (numpy arrays plus a JSON "meta" string) or ``.safetensors`` (metadata in the
+    header), chosen by the suffix; any other suffix, a folder or an unwritable place is refused
+    (``check_features_output``, which callers run before extracting). Written atomically."""
+    path = check_features_output(path)
+    if path.suffix.lower() == ".npz":
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        return atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
+    from safetensors.torch import save
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"vggnet": json.dumps(meta)})
-    return path
+    data = save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={"vggnet": json.dumps(meta)})
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def check_features_output(path: str | os.PathLike) -> Path:
+    """Refuse a features output that ``save_features`` could not write, before any work."""
+    return check_writable_output(path, "features", FEATURE_SUFFIXES)
 
 
 def features_command(s: FeaturesSettings) -> int:
     """``vggnet features``: extract, then save with what was extracted and how (the weights,
     the image paths in row order, the layers and size, or the descriptor's scales)."""
+    check_features_output(s.out)
     loaded = load_model(s.weights)
     rt = make_runtime(s.device, s.precision)
     layers = [n.strip() for n in s.layers.split(",") if n.strip()] if s.layers else None

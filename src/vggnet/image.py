@@ -26,9 +26,12 @@ try:
 except ImportError:  # optional: Pillow decodes everything without it, somewhat slower
     simplejpeg = None
 
-# Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k). Pillow's
-# own check only warns below 2x its limit; here the warning is an error too.
+# Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k), whatever
+# the format. Pillow's own check (in Image.open, 89.5 M pixels by default: PNG, TIFF, ... were
+# refused from there while JPEG went to 256 M) is set to the same limit; it only warns below
+# 2x its limit, and here the warning is an error too.
 MAX_PIXELS = 256_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ORIENTATION = 0x0112  # the EXIF tag
 
 
@@ -131,9 +134,8 @@ def _decode(path: str | os.PathLike, draft_for) -> Decoded:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 full = im.size
-                if im.width * im.height > MAX_PIXELS:
-                    raise BadImageError(path, f"{im.width}x{im.height} pixels exceeds the "
-                                        f"decompression-bomb limit of {MAX_PIXELS:,}")
+                if im.width * im.height > MAX_PIXELS:  # Image.MAX_IMAGE_PIXELS may be changed
+                    raise BadImageError(path, f"{im.width}x{im.height} pixels: {_over_limit()}")
                 size, reduction = draft_for(*full), 1
                 if size is not None and im.format == "JPEG":
                     im.draft("RGB", size)
@@ -148,20 +150,27 @@ def _decode(path: str | os.PathLike, draft_for) -> Decoded:
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(path, f"decompression bomb refused: {e}") from e
+        raise BadImageError(path, f"{_over_limit()} ({e})") from e
     except Image.UnidentifiedImageError:
         raise BadImageError(path, "not an image Pillow can identify") from None
     except Exception as e:  # truncated, corrupt, broken EXIF, unreadable: every decoder failure
         raise BadImageError(path, f"cannot decode: {type(e).__name__}: {e}") from e
 
 
+def _over_limit() -> str:
+    return (f"decompression bomb refused: more than the limit of {MAX_PIXELS:,} pixels "
+            "(vggnet.image.MAX_PIXELS, the same for every format)")
+
+
 def _to_rgb8(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit/32-bit grayscale: Pillow's convert would clip at 255; scale to the range
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        # 16-bit/32-bit grayscale: Pillow's convert would clip at 255; scale to the range.
+        # Floats in [0, 1] (float TIFFs) are intensities with white = 1.
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = (65535.0 if im.mode.startswith("I;16") or a.max() > 255
+               else 1.0 if im.mode == "F" and a.max() <= 1.0 else 255.0)
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if im.mode in ("P", "PA") and "transparency" in im.info:

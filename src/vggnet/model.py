@@ -88,6 +88,11 @@ def resolve_name(name: str) -> tuple[str, bool]:
                      "(a paper column may also take a '_bn' suffix, e.g. 'C_bn')")
 
 
+# Upper bounds of a config, far above any VGG trained in practice (width 64 is a 262144-wide
+# FC layer), so that a file's claim is refused before any arithmetic on it can overflow.
+LIMITS = {"num_classes": 1_000_000, "width": 64.0, "crop_size": 8192, "in_channels": 1024}
+
+
 @dataclass(frozen=True)
 class VGGConfig:
     """Everything needed to rebuild a VGG net; stored in every checkpoint and weights file."""
@@ -101,6 +106,10 @@ class VGGConfig:
     in_channels: int = 3
 
     def __post_init__(self) -> None:
+        for name, top in LIMITS.items():  # a file may claim anything: sane bounds first
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= top:
+                raise ValueError(f"{name} must be a number <= {top:g}, got {value!r}")
         if self.arch not in CFGS:
             raise ValueError(f"unknown arch {self.arch!r}; allowed: {', '.join(ARCHS)}")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
