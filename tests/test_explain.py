@@ -172,7 +172,7 @@ def spot_weights(tmp_path):
     and a 40x40 photo whose brightest red pixel sits in the centre crop at (30, 9)."""
     prep = preprocess.paper((0.0, 0.0, 0.0))
     save_weights(tmp_path / "w.safetensors", max_pixel_net(), prep, ["cat", "dog", "red dot"])
-    a = np.zeros((37, 37, 3), np.uint8)  # 37 = default_resize(32): no rescale, crop at (2, 2)
+    a = np.zeros((37, 37, 3), np.uint8)  # 37 = centre_crop_resize(32): no rescale, crop at (2, 2)
     a[32, 11] = (250, 0, 0)
     Image.fromarray(a).save(tmp_path / "photo.png")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")

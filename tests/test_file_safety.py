@@ -59,6 +59,7 @@ def _edit_metadata(src: Path, dst: Path, **config_changes) -> Path:
 MEASURE = """
     import json, resource, sys, time
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # before the fix: fail, not swap
+    from vggnet.bench import peak_rss_mib  # VmHWM: ru_maxrss would carry the forking parent's peak
     from vggnet.weights import load_model
     t = time.perf_counter()
     try:
@@ -67,7 +68,7 @@ MEASURE = """
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     print(json.dumps({"error": error, "seconds": time.perf_counter() - t,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": peak_rss_mib()}))
 """
 
 

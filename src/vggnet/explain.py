@@ -214,13 +214,13 @@ def explain_files(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out: 
     from tqdm import tqdm
 
     from .image import BadImageError
-    from .predict import chw, default_resize
-    from .transforms import EvalTransform
+    from .protocol import centre_crop_resize
+    from .transforms import EvalTransform, chw
 
     if layer is not None:
         check_layers(loaded.model, [layer], "Grad-CAM layer")
     crop = loaded.model.config.crop_size
-    transform = EvalTransform(default_resize(crop), crop)
+    transform = EvalTransform(centre_crop_resize(crop), crop)
     out, used, results = Path(out), set(), []
     for path in tqdm(list(paths), desc="explain", unit="image", disable=not progress):
         try:
