@@ -23,7 +23,8 @@ BGR_MEAN = np.array([103.939, 116.779, 123.68])
 
 
 def _pixels(n, h, w, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, h, w), dtype=np.uint8))
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, (n, 3, h, w), dtype=np.uint8))
 
 
 def _ours(loaded, pixels):
@@ -32,13 +33,15 @@ def _ours(loaded, pixels):
 
 
 def _check_logits(ours, ref):
-    assert ref.std() > 0.1, "reference logits are nearly constant: the comparison would prove nothing"
+    assert ref.std() > 0.1, ("reference logits are nearly constant: "
+                             "the comparison would prove nothing")
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 # --- torchvision ---------------------------------------------------------------------------
 class TorchvisionVGG(nn.Module):
-    """torchvision.models.vgg.VGG as its source defines it: features.N, 7x7 adaptive pool, classifier.N."""
+    """torchvision.models.vgg.VGG as its source defines it: features.N, 7x7 adaptive pool,
+    classifier.N."""
 
     def __init__(self, arch, bn, classes):
         super().__init__()
@@ -54,7 +57,8 @@ class TorchvisionVGG(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         fc = int(4096 * W)
         self.classifier = nn.Sequential(nn.Linear(c * 49, fc), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(), nn.Linear(fc, classes))
+                                        nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(fc, classes))
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -100,7 +104,8 @@ def _keras_weights(arch, size, classes, seed):
     for b, (n, width) in enumerate(zip(BLOCKS[arch], WIDTHS, strict=True), 1):
         for i in range(1, n + 1):
             o = int(width * W)
-            out.append((f"block{b}_conv{i}", rng.normal(0, (2 / (9 * c)) ** 0.5, (3, 3, c, o)), rng.normal(0, 0.1, o)))
+            out.append((f"block{b}_conv{i}", rng.normal(0, (2 / (9 * c)) ** 0.5, (3, 3, c, o)),
+                        rng.normal(0, 0.1, o)))
             c = o
     fc, flat = int(4096 * W), c * (size // 32) ** 2
     for name, i, o in (("fc1", flat, fc), ("fc2", fc, fc), ("predictions", fc, classes)):
@@ -116,7 +121,8 @@ def keras_forward(weights, pixels):
     for j, (name, k, b) in enumerate(convs):
         h, w = x.shape[1:3]
         xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        x = np.maximum(sum(xp[:, i:i + h, jj:jj + w, :] @ k[i, jj] for i in range(3) for jj in range(3)) + b, 0)
+        x = np.maximum(sum(xp[:, i:i + h, jj:jj + w, :] @ k[i, jj]
+                           for i in range(3) for jj in range(3)) + b, 0)
         if j + 1 == len(convs) or convs[j + 1][0].split("_")[0] != name.split("_")[0]:
             n, h, w, c = x.shape
             x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
@@ -129,7 +135,8 @@ def keras_forward(weights, pixels):
 
 
 def _write_keras2(path, weights, whole_model):
-    """Keras 2 HDF5: root (or model_weights/) attrs layer_names; <layer>/<layer>/kernel:0, bias:0."""
+    """Keras 2 HDF5: root (or model_weights/) attrs layer_names; <layer>/<layer>/kernel:0,
+    bias:0."""
     with h5py.File(path, "w") as f:
         root = f.create_group("model_weights") if whole_model else f
         if whole_model:
@@ -186,7 +193,8 @@ def _caffe_writer_classes():
     """NetParameter written with Caffe's own field types (packed float data, int32 dims, the
     V1 LayerType enum as its integer), independent of vggnet.caffe_proto's reading schema."""
     F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="caffe_writer.proto", package="caffe", syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(name="caffe_writer.proto", package="caffe",
+                                             syntax="proto2")
 
     def msg(name, *fields):
         m = fdp.message_type.add(name=name)
@@ -201,10 +209,12 @@ def _caffe_writer_classes():
     msg("BlobProto", ("num", 1, OPT, F.TYPE_INT32, None), ("channels", 2, OPT, F.TYPE_INT32, None),
         ("height", 3, OPT, F.TYPE_INT32, None), ("width", 4, OPT, F.TYPE_INT32, None),
         ("data", 5, REP, F.TYPE_FLOAT, None), ("shape", 7, OPT, F.TYPE_MESSAGE, ".caffe.BlobShape"))
-    msg("LayerParameter", ("name", 1, OPT, F.TYPE_STRING, None), ("type", 2, OPT, F.TYPE_STRING, None),
+    msg("LayerParameter",
+        ("name", 1, OPT, F.TYPE_STRING, None), ("type", 2, OPT, F.TYPE_STRING, None),
         ("bottom", 3, REP, F.TYPE_STRING, None), ("top", 4, REP, F.TYPE_STRING, None),
         ("blobs", 7, REP, F.TYPE_MESSAGE, ".caffe.BlobProto"))
-    msg("V1LayerParameter", ("bottom", 2, REP, F.TYPE_STRING, None), ("top", 3, REP, F.TYPE_STRING, None),
+    msg("V1LayerParameter",
+        ("bottom", 2, REP, F.TYPE_STRING, None), ("top", 3, REP, F.TYPE_STRING, None),
         ("name", 4, OPT, F.TYPE_STRING, None), ("type", 5, OPT, F.TYPE_INT32, None),
         ("blobs", 6, REP, F.TYPE_MESSAGE, ".caffe.BlobProto"))
     msg("NetParameter", ("name", 1, OPT, F.TYPE_STRING, None),
@@ -224,7 +234,9 @@ def _caffe_net(arch, size, seed):
     for b, (n, width) in enumerate(zip(BLOCKS[arch], WIDTHS, strict=True), 1):
         for i in range(1, n + 1):
             o = int(width * W)
-            layers.append((f"conv{b}_{i}", "CONV", [rng.normal(0, (2 / (9 * c)) ** 0.5, (o, c, 3, 3)), rng.normal(0, 0.1, o)]))
+            layers.append((f"conv{b}_{i}", "CONV",
+                           [rng.normal(0, (2 / (9 * c)) ** 0.5, (o, c, 3, 3)),
+                            rng.normal(0, 0.1, o)]))
             layers.append((f"relu{b}_{i}", "RELU", []))
             c = o
         layers.append((f"pool{b}", "POOL", []))
@@ -232,7 +244,8 @@ def _caffe_net(arch, size, seed):
     for name, i, o in (("fc6", flat, fc), ("fc7", fc, fc), ("fc8", fc, 1000)):
         layers.append((name, "FC", [rng.normal(0, (2 / i) ** 0.5, (o, i)), rng.normal(0, 0.1, o)]))
         if name != "fc8":
-            layers += [(name.replace("fc", "relu"), "RELU", []), (name.replace("fc", "drop"), "DROPOUT", [])]
+            layers += [(name.replace("fc", "relu"), "RELU", []),
+                       (name.replace("fc", "drop"), "DROPOUT", [])]
     layers.append(("prob", "SOFTMAX", []))
     return [(n, t, [a.astype(np.float32) for a in arrays]) for n, t, arrays in layers]
 
@@ -298,10 +311,13 @@ def test_caffe_model(tmp_path, v1):
     _write_caffemodel(tmp_path / "vgg.caffemodel", layers, v1)
     prototxt = None
     if v1:  # the deploy definition, in the release's V1 text format with per-layer params
+        v1_type = {"CONV": "CONVOLUTION", "RELU": "RELU", "POOL": "POOLING",
+                   "FC": "INNER_PRODUCT", "DROPOUT": "DROPOUT", "SOFTMAX": "SOFTMAX"}
+        conv_param = ("  convolution_param {\n    num_output: 4\n    pad: 1\n"
+                      "    kernel_size: 3\n  }\n")
         text = "\n".join(
-            f'layers {{\n  bottom: "x"\n  top: "{n}"\n  name: "{n}"\n  type: '
-            f'{ {"CONV": "CONVOLUTION", "RELU": "RELU", "POOL": "POOLING", "FC": "INNER_PRODUCT", "DROPOUT": "DROPOUT", "SOFTMAX": "SOFTMAX"}[k] }\n'
-            + ("  convolution_param {\n    num_output: 4\n    pad: 1\n    kernel_size: 3\n  }\n" if k == "CONV" else "")
+            f'layers {{\n  bottom: "x"\n  top: "{n}"\n  name: "{n}"\n  type: {v1_type[k]}\n'
+            + (conv_param if k == "CONV" else "")
             + "}" for n, k, _ in layers)
         prototxt = tmp_path / "deploy.prototxt"
         prototxt.write_text(DEPLOY_V1.format(layers=text))
@@ -326,11 +342,12 @@ def tv_file(tmp_path_factory):
 
 def test_model_override_and_mismatch_errors(tv_file):
     assert import_weights(tv_file, model="vgg16").model.config.arch == "D"
-    with pytest.raises(ValueError, match=r"--model E: VGG E has 16 conv layers but the file has 13 \(it fits D\)"):
+    with pytest.raises(ValueError, match=r"--model E: VGG E has 16 conv layers but the file has "
+                                         r"13 \(it fits D\)"):
         import_weights(tv_file, model="E")
     # C has D's conv count but 1x1 kernels: the first differing key, with both shapes
-    with pytest.raises(ValueError, match=r"features.conv3_3.weight has shape \[16, 16, 3, 3\] in the file "
-                                         r"and \[16, 16, 1, 1\] in the model"):
+    with pytest.raises(ValueError, match=r"features.conv3_3.weight has shape \[16, 16, 3, 3\] "
+                                         r"in the file and \[16, 16, 1, 1\] in the model"):
         import_weights(tv_file, model="C")
 
 
@@ -369,7 +386,8 @@ def test_unrecognised_files(tmp_path):
     with pytest.raises(ValueError, match="not a weights file vggnet recognises"):
         import_weights(tmp_path / "junk.bin")
     torch.save({"state_dict": {"features.0.weight": torch.zeros(1)}}, tmp_path / "wrapped.pt")
-    with pytest.raises(ValueError, match=r"not a torchvision VGG state dict: unexpected keys \['state_dict'\]"):
+    with pytest.raises(ValueError, match=r"not a torchvision VGG state dict: "
+                                         r"unexpected keys \['state_dict'\]"):
         import_weights(tmp_path / "wrapped.pt")
 
 

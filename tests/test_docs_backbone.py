@@ -19,7 +19,8 @@ def test_backbone_doc_examples_run(tmp_path, monkeypatch, capsys):
     for i, code in enumerate(blocks):
         exec(compile(code, f"{DOC.name} python block {i + 1}", "exec"), namespace)
     assert (tmp_path / "stylized.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "explained").iterdir()) == ["photo.png", "photo.safetensors"]
+    explained = sorted(p.name for p in (tmp_path / "explained").iterdir())
+    assert explained == ["photo.png", "photo.safetensors"]
     assert {p.name for p in (tmp_path / "retrieved").iterdir()} == {"topk.csv", "contact_sheet.png"}
     assert namespace["d"].shape == (4,) and namespace["cams"].shape == (2, 2, 2)
     assert capsys.readouterr().out.splitlines()[-1] == "44 6"

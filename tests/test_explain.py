@@ -91,7 +91,8 @@ def test_default_layer_and_bad_names():
     assert default_cam_layer(max_pixel_net()) == "relu5_2"
     assert default_cam_layer(vggnet.create_model("D", width=1 / 64, crop_size=32)) == "relu5_3"
     assert default_cam_layer(vggnet.create_model("E", width=1 / 64, crop_size=32)) == "relu5_4"
-    with pytest.raises(ValueError, match=r"unknown Grad-CAM layer\(s\) \['fc7'\] .* valid: conv1_1"):
+    with pytest.raises(ValueError,
+                       match=r"unknown Grad-CAM layer\(s\) \['fc7'\] .* valid: conv1_1"):
         gradcam(max_pixel_net(), spot(1, 1), "fc7")
     with pytest.raises(ValueError, match=r"target 3 must be a class index in \[0, 3\)"):
         saliency(max_pixel_net(), spot(1, 1), target=3)

@@ -73,7 +73,8 @@ def test_trunk_taps_are_the_models_truncated_and_frozen():
 
 
 def test_unknown_layer_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['relu9_9'\].*valid: conv1_1, relu1_1"):
+    with pytest.raises(ValueError,
+                       match=r"unknown layer\(s\) \['relu9_9'\].*valid: conv1_1, relu1_1"):
         PerceptualLoss(tiny(), {"relu9_9": 1.0})
 
 
@@ -220,9 +221,12 @@ def lpips_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("lpips")
     features = torchvision_vgg16_features(seed=0)
     state = {f"features.{k}": v for k, v in features.state_dict().items()}
-    state |= {"classifier.0.weight": torch.zeros(4096, 512), "classifier.0.bias": torch.zeros(4096),
-              "classifier.3.weight": torch.zeros(4096, 4096), "classifier.3.bias": torch.zeros(4096),
-              "classifier.6.weight": torch.zeros(10, 4096), "classifier.6.bias": torch.zeros(10)}
+    state |= {"classifier.0.weight": torch.zeros(4096, 512),
+              "classifier.0.bias": torch.zeros(4096),
+              "classifier.3.weight": torch.zeros(4096, 4096),
+              "classifier.3.bias": torch.zeros(4096),
+              "classifier.6.weight": torch.zeros(10, 4096),
+              "classifier.6.bias": torch.zeros(10)}
     torch.save(state, d / "vgg16_tv.pth")
     convert(d / "vgg16_tv.pth", d / "vgg16.safetensors")
     with zipfile.ZipFile(LPIPS_WHEEL) as z:
@@ -266,14 +270,17 @@ def test_lpips_refuses_other_backbones_and_files(tmp_path):
         LPIPS(tiny(), LPIPS_WHEEL)
     bad = tmp_path / "other.pth"
     torch.save({"x": torch.zeros(1)}, bad)
-    d16 = LoadedModel(vggnet.create_model("D", width=1 / 16, crop_size=32, num_classes=2), preprocess.TORCHVISION)
+    d16 = LoadedModel(vggnet.create_model("D", width=1 / 16, crop_size=32, num_classes=2),
+                      preprocess.TORCHVISION)
     with pytest.raises(ValueError, match="not LPIPS's VGG linear-layer file: missing"):
         LPIPS(d16, bad)
-    with pytest.raises(ValueError, match=r"do not fit the backbone's channels \[4, 8, 16, 32, 32\]"):
+    with pytest.raises(ValueError,
+                       match=r"do not fit the backbone's channels \[4, 8, 16, 32, 32\]"):
         LPIPS(d16, LPIPS_WHEEL)
     with pytest.raises(FileNotFoundError, match="pip download --no-deps lpips==0.1.4"):
         LPIPS(d16, tmp_path / "missing.whl")
 
 
 def test_block_ends():
-    assert block_ends(tiny(arch="E").model) == ["relu1_2", "relu2_2", "relu3_4", "relu4_4", "relu5_4"]
+    assert block_ends(tiny(arch="E").model) == ["relu1_2", "relu2_2", "relu3_4", "relu4_4",
+                                                "relu5_4"]

@@ -99,10 +99,12 @@ def test_poolings_match_cirtorch_at_small_sizes():
             x = torch.rand(2, 3, h, w, generator=gen)
             torch.testing.assert_close(rmac(x), cirtorch_rmac(x), rtol=1e-6, atol=1e-6)
             kernel = (h, w)
-            torch.testing.assert_close(pool(x, "mac"), F.normalize(F.max_pool2d(x, kernel)[..., 0, 0], eps=0),
+            torch.testing.assert_close(pool(x, "mac"),
+                                       F.normalize(F.max_pool2d(x, kernel)[..., 0, 0], eps=0),
                                        rtol=1e-5, atol=1e-6)
             spoc = F.avg_pool2d(x, kernel)[..., 0, 0]
-            torch.testing.assert_close(pool(x, "spoc"), spoc / (spoc.norm(dim=1, keepdim=True) + 1e-6))
+            torch.testing.assert_close(pool(x, "spoc"),
+                                       spoc / (spoc.norm(dim=1, keepdim=True) + 1e-6))
             g = F.avg_pool2d(x.clamp(min=1e-6).pow(3), kernel).pow(1 / 3)[..., 0, 0]
             torch.testing.assert_close(pool(x, "gem"), g / (g.norm(dim=1, keepdim=True) + 1e-6))
 

@@ -62,7 +62,8 @@ def test_stylize_files_writes_a_png(tmp_path):
     Image.fromarray(rng.integers(0, 256, (50, 20, 3), dtype=np.uint8)).save(tmp_path / "s.jpg")
     save_weights(tmp_path / "w.safetensors", tiny().model, preprocess.CAFFE)
     assert read_image(tmp_path / "c.png", 20).shape == (1, 3, 15, 20)
-    settings = StylizeSettings(steps=2, size=20, style_layers=("relu1_1",), content_layers=("relu2_1",))
+    settings = StylizeSettings(steps=2, size=20, style_layers=("relu1_1",),
+                               content_layers=("relu2_1",))
     history = stylize_files(tmp_path / "c.png", tmp_path / "s.jpg", tmp_path / "w.safetensors",
                             tmp_path / "out" / "o.png", settings, progress=False)
     assert len(history) == 2

@@ -16,7 +16,8 @@ def _net(**kw):
 
 def test_safetensors_roundtrip(tmp_path):
     m = _net()
-    p = save_weights(tmp_path / "w.safetensors", m, preprocess.CAFFE, ["a", "b", "c", "d"], {"source": "test"})
+    p = save_weights(tmp_path / "w.safetensors", m, preprocess.CAFFE, ["a", "b", "c", "d"],
+                     {"source": "test"})
     loaded = load_model(p)
     assert loaded.model.config == m.config
     assert loaded.preprocessing == preprocess.CAFFE
@@ -43,7 +44,8 @@ def test_mismatch_leaves_model_untouched():
     m, other = _net(), vggnet.create_model("C", num_classes=5, width=0.0625, crop_size=32)
     before = m.classifier.fc8.weight.clone()
     state = other.state_dict()
-    with pytest.raises(ValueError, match=r"classifier.fc8.weight has shape \[5, 256\] in the file and \[4, 256\]"):
+    with pytest.raises(ValueError, match=r"classifier.fc8.weight has shape \[5, 256\] in the file "
+                                         r"and \[4, 256\]"):
         load_state_checked(m, state)
     assert torch.equal(before, m.classifier.fc8.weight)
     with pytest.raises(ValueError, match=r"missing \['features.conv5_3.weight'"):

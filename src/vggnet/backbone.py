@@ -84,9 +84,11 @@ class Trunk(nn.Module):
         names = feature_names(model)
         last = max(names.index(n) for n in self.taps)
         self.layers = nn.Sequential(OrderedDict(
-            (n, _frozen_copy(m, pool)) for n, m in list(model.features.named_children())[:last + 1]))
+            (n, _frozen_copy(m, pool))
+            for n, m in list(model.features.named_children())[:last + 1]))
         self.layers.eval().requires_grad_(False)
-        self.config, self.preprocessing, self.input_range = model.config, loaded.preprocessing, input_range
+        self.config, self.preprocessing = model.config, loaded.preprocessing
+        self.input_range = input_range
         a, b = loaded.preprocessing.affine(input_range)
         device = next(model.parameters()).device
         self.register_buffer("a", a.to(device), persistent=False)
@@ -101,7 +103,8 @@ class Trunk(nn.Module):
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images in ``input_range`` (RGB) -> what the first conv was trained on."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError("expected RGB images of shape (N, 3, H, W), "
+                             f"got {tuple(images.shape)}")
         return (images.flip(1) if self.bgr else images) * self.a + self.b
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Import public VGG weights into our model: torchvision, Keras (.h5) and the authors' Caffe release.
+"""Import public VGG weights into our model: torchvision, Keras (.h5), the authors' Caffe release.
 
 Every reader turns its file into a ``SourceNet``: the conv layers and the three FC layers in
 network order, already in PyTorch's layouts (conv weight (out, in, kh, kw); FC weight
@@ -109,13 +109,14 @@ def torchvision_source(state: dict, where: str) -> SourceNet:
     stray = [k for k, v in state.items()
              if not (k.startswith(("features.", "classifier.")) and isinstance(v, torch.Tensor))]
     if stray:
-        raise ValueError(f"{where} is not a torchvision VGG state dict: unexpected keys {stray[:5]} "
-                         "(expected only features.N.* and classifier.N.*)")
+        raise ValueError(f"{where} is not a torchvision VGG state dict: unexpected keys "
+                         f"{stray[:5]} (expected only features.N.* and classifier.N.*)")
     convs, bns = [], []
     for idx, params in _by_index(state, "features").items():
         w = params.get("weight")
         if w is not None and w.ndim == 4:
-            convs.append({"weight": w, "bias": params.get("bias")})  # a missing bias is reported later
+            # a missing bias is reported later
+            convs.append({"weight": w, "bias": params.get("bias")})
         elif "running_mean" in params:
             if len(bns) != len(convs) - 1:
                 raise ValueError(f"{where}: batch norm features.{idx} does not follow a conv")
@@ -124,7 +125,8 @@ def torchvision_source(state: dict, where: str) -> SourceNet:
             raise ValueError(f"{where}: features.{idx} holds {sorted(params)}, neither a conv nor "
                              "a batch norm")
     fcs = [{"weight": p["weight"], "bias": p.get("bias")}
-           for p in _by_index(state, "classifier").values() if "weight" in p and p["weight"].ndim == 2]
+           for p in _by_index(state, "classifier").values()
+           if "weight" in p and p["weight"].ndim == 2]
     if bns and len(bns) != len(convs):
         raise ValueError(f"{where}: {len(bns)} batch norms for {len(convs)} convs")
     return SourceNet("torchvision", convs, fcs, preprocess.TORCHVISION, bns=bns or None)
@@ -139,7 +141,8 @@ def read_keras(path: Path) -> SourceNet:
     """Keras VGG16/VGG19 weights, channels-last (TensorFlow ordering), in either layout:
 
     - Keras 2 HDF5 (``save_weights`` or ``model_weights/`` of a whole-model ``.h5``): one group
-      per layer in the order of the root's ``layer_names``, datasets ``<layer>/kernel:0``, ``bias:0``;
+      per layer in the order of the root's ``layer_names``, datasets ``<layer>/kernel:0``,
+      ``bias:0``;
     - Keras 3 ``.weights.h5``: ``layers/<name>/vars/0`` (kernel) and ``vars/1`` (bias), named
       by layer class (``conv2d``, ``conv2d_1``, ...; ``dense``, ...), whose numbering is the order.
 
@@ -155,13 +158,14 @@ def read_keras(path: Path) -> SourceNet:
             for name in sorted(k3, key=_natural_key):
                 v = k3[name].get("vars")
                 if v is not None and len(v):
-                    layers.append((name, {"kernel": v["0"][()], "bias": v["1"][()] if "1" in v else None}))
+                    layers.append((name, {"kernel": v["0"][()],
+                                          "bias": v["1"][()] if "1" in v else None}))
         else:
             root = f["model_weights"] if "model_weights" in f else f
             names = [n.decode() if isinstance(n, bytes) else str(n)
                      for n in root.attrs.get("layer_names", sorted(root, key=_natural_key))]
             for name in names:
-                arrays: dict[str, np.ndarray] = {}  # "kernel:0" -> array, from <layer>/<layer>/kernel:0
+                arrays: dict[str, np.ndarray] = {}  # "kernel" -> <layer>/<layer>/kernel:0's array
 
                 def collect(key, obj, arrays=arrays):
                     if isinstance(obj, h5py.Dataset):
@@ -189,7 +193,8 @@ def read_keras(path: Path) -> SourceNet:
     if k * k * c5 != w.shape[1]:
         raise ValueError(f"{str(path)!r}: fc1 takes {w.shape[1]} inputs, not a square pool5 of "
                          f"{c5} channels")
-    fcs[0]["weight"] = w.reshape(w.shape[0], k, k, c5).permute(0, 3, 1, 2).reshape(w.shape[0], -1).contiguous()
+    fcs[0]["weight"] = (w.reshape(w.shape[0], k, k, c5).permute(0, 3, 1, 2)
+                        .reshape(w.shape[0], -1).contiguous())
     return SourceNet("keras", convs, fcs, preprocess.CAFFE,
                      notes={"layers": [n for n, _ in layers]})
 
@@ -219,8 +224,9 @@ def read_caffe(path: Path, prototxt: str | os.PathLike | None = None) -> SourceN
     for layer in order:
         kind = layer_type(layer)
         if kind == "LRN":  # Caffe's LRN defaults (k=1) differ from A-LRN's (k=2); none was released
-            raise ValueError(f"Caffe layer {layer.name!r} is an LRN layer; only the LRN-free columns "
-                             "(A, B, C, D, E; the authors released D and E) can be imported")
+            raise ValueError(f"Caffe layer {layer.name!r} is an LRN layer; only the LRN-free "
+                             "columns (A, B, C, D, E; the authors released D and E) can be "
+                             "imported")
         if kind not in ("Convolution", "InnerProduct"):
             continue
         src = weighted.get(layer.name)
@@ -257,8 +263,8 @@ def infer_config(src: SourceNet, model: str | None = None) -> VGGConfig:
         arch, bn = resolve_name(model)
         bn = bn or src.bns is not None
         if len(_conv_kernels(arch)) != len(kernels):
-            raise ValueError(f"--model {model}: VGG {arch} has {len(_conv_kernels(arch))} conv layers "
-                             f"but the file has {len(kernels)}"
+            raise ValueError(f"--model {model}: VGG {arch} has {len(_conv_kernels(arch))} conv "
+                             f"layers but the file has {len(kernels)}"
                              + (f" (it fits {' or '.join(fits)})" if fits else ""))
     elif not fits:
         raise ValueError(f"the {src.format} file has {len(kernels)} conv layers with kernel sizes "
@@ -283,14 +289,16 @@ def source_state_dict(src: SourceNet, conv_names: list[str]) -> dict[str, torch.
     state: dict[str, torch.Tensor] = {}
     for i, (name, conv) in enumerate(zip(conv_names, src.convs, strict=True)):
         state |= {f"features.{name}.{k}": v for k, v in conv.items()}
-        state |= {f"features.bn{name[len('conv'):]}.{k}": v for k, v in (src.bns[i] if src.bns else {}).items()}
+        state |= {f"features.bn{name[len('conv'):]}.{k}": v
+                  for k, v in (src.bns[i] if src.bns else {}).items()}
     for name, fc in zip(FC_NAMES, src.fcs, strict=True):
         state |= {f"classifier.{name}.{k}": v for k, v in fc.items()}
     # a tensor the file lacks (None) stays out, so load_state_checked names it as missing
     return {k: v for k, v in state.items() if v is not None}
 
 
-def read_source(path: str | os.PathLike, prototxt: str | os.PathLike | None = None) -> SourceNet | LoadedModel:
+def read_source(path: str | os.PathLike,
+                prototxt: str | os.PathLike | None = None) -> SourceNet | LoadedModel:
     """Read any supported file: a SourceNet for foreign weights, a LoadedModel for our own."""
     path = Path(path)
     fmt = detect_format(path)
@@ -326,7 +334,8 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
     digest = file_sha256(check_input_file(path, "weights file"), sha256)
     src = read_source(path, prototxt)
     if isinstance(src, LoadedModel):
-        if model is not None and resolve_name(model) != (src.model.config.arch, src.model.config.batch_norm):
+        own = (src.model.config.arch, src.model.config.batch_norm)
+        if model is not None and resolve_name(model) != own:
             raise ValueError(f"--model {model} given for {str(path)!r}, a vggnet file of VGG "
                              f"{src.model.config.name}; vggnet files carry their own config")
         return src
@@ -336,7 +345,8 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
     load_state_checked(net, source_state_dict(src, conv_names), source=repr(str(path)))
     names = imagenet_wnids() if config.num_classes == NUM_CLASSES else None
     provenance = {"source_format": src.format, "source_file": Path(path).name, "sha256": digest,
-                  "converted_by": f"vggnet {__version__}", **{k: v for k, v in src.notes.items() if v}}
+                  "converted_by": f"vggnet {__version__}",
+                  **{k: v for k, v in src.notes.items() if v}}
     return LoadedModel(net.eval(), src.preprocessing, names, {"provenance": provenance})
 
 

@@ -118,7 +118,8 @@ def _min_max(m: torch.Tensor) -> torch.Tensor:
     return m / (m.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
 
 
-def overlay(photo: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(photo: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
+            cmap: str = "jet") -> np.ndarray:
     """(H, W, 3) uint8 photo with a (H, W) heat map in [0, 1] over it, coloured by ``cmap``:
     (1 - alpha) * photo + alpha * colour, uint8."""
     import matplotlib
@@ -177,14 +178,16 @@ def render(ex: Explanation, path: str | os.PathLike, min_side: int = 224) -> Pat
     line = 14
     sheet = Image.new("RGB", (len(panels) * w * k, h * k + line * (len(ex.top) + 2)), "white")
     for i, p in enumerate(panels):
-        sheet.paste(Image.fromarray(p).resize((w * k, h * k), Image.Resampling.NEAREST), (i * w * k, 0))
+        sheet.paste(Image.fromarray(p).resize((w * k, h * k), Image.Resampling.NEAREST),
+                    (i * w * k, 0))
     draw = ImageDraw.Draw(sheet)
     labels = ["photo"] + [m + (f" ({ex.layer})" if m == "gradcam" else "") for m in ex.maps]
     for i, label in enumerate(labels):
         draw.text((i * w * k + 4, h * k + 2), label, fill="black")
     for j, (idx, name, p) in enumerate(ex.top):
         mark = "  <- explained" if idx == ex.target else ""
-        draw.text((4, h * k + line * (j + 1) + 2), f"{j + 1}. {name}  {100 * p:.1f}%{mark}", fill="black")
+        draw.text((4, h * k + line * (j + 1) + 2), f"{j + 1}. {name}  {100 * p:.1f}%{mark}",
+                  fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

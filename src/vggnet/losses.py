@@ -116,7 +116,8 @@ class PerceptualLoss(_FeatureLoss):
     channel vectors first (as LPIPS). ``distance``: "l1" (mean |dx|) or "l2" (mean dx^2).
     """
 
-    def __init__(self, weights: WeightsLike, layers: Mapping[str, float] | Sequence[str] | None = None,
+    def __init__(self, weights: WeightsLike,
+                 layers: Mapping[str, float] | Sequence[str] | None = None,
                  input_range: tuple[float, float] = (0.0, 1.0), normalize_features: bool = False,
                  pool: str = "max", distance: str = "l1", reduction: str = "mean") -> None:
         loaded = resolve(weights)
@@ -125,7 +126,8 @@ class PerceptualLoss(_FeatureLoss):
         self.normalize_features = normalize_features
 
     def represent(self, feats):
-        return {k: unit_channels(at_least_float32(v)) if self.normalize_features else v for k, v in feats.items()}
+        return {k: unit_channels(at_least_float32(v)) if self.normalize_features else v
+                for k, v in feats.items()}
 
 
 class StyleLoss(_FeatureLoss):
@@ -200,7 +202,8 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape:
-            raise ValueError(f"LPIPS compares images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError("LPIPS compares images of one shape, got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
         fx, fy = self.trunk(x), self.trunk(y)
         total = 0
         with _no_autocast(x):

@@ -92,7 +92,8 @@ def pool(fmap: torch.Tensor, method: str = "gem", p: float = 3.0, levels: int = 
     if method == "gem" and not p > 0:
         raise ValueError(f"GeM's p must be > 0 (1 = spoc, 3 = the default), got {p!r}")
     x = fmap.float()
-    v = {"mac": mac, "spoc": spoc, "gem": lambda t: gem(t, p), "rmac": lambda t: rmac(t, levels)}[method](x)
+    v = {"mac": mac, "spoc": spoc, "gem": lambda t: gem(t, p),
+         "rmac": lambda t: rmac(t, levels)}[method](x)
     return l2n(v)
 
 
@@ -103,7 +104,8 @@ def combine_scales(descs: Sequence[torch.Tensor], method: str, p: float = 3.0) -
     return l2n(torch.stack([d.pow(m) for d in descs]).mean(dim=0).pow(1.0 / m))
 
 
-def rank(query: torch.Tensor, database: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def rank(query: torch.Tensor, database: torch.Tensor,
+         k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of each query (Q, C) with each database row (M, C): the top ``k``
     (at most M) as (similarities (Q, k), database indices (Q, k)), best first."""
     if query.ndim != 2 or database.ndim != 2 or query.shape[1] != database.shape[1]:

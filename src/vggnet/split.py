@@ -50,7 +50,8 @@ def split_samples(samples: Sequence[Sample], fraction: float, seed: int = 0,
                          "file may appear once")
     by_class: dict[int, list[tuple[str, str, Sample]]] = defaultdict(list)
     for key, sample in keyed:
-        by_class[sample[1]].append((hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), key, sample))
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+        by_class[sample[1]].append((digest, key, sample))
     train, val = [], []
     for label, files in by_class.items():
         ranked = sorted(files)  # by key digest: a seeded order independent of the listing

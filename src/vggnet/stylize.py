@@ -135,7 +135,8 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
 
 def stylize_files(content: str | os.PathLike, style: str | os.PathLike, weights: WeightsLike,
                   out: str | os.PathLike, settings: StylizeSettings = StylizeSettings(),
-                  device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, float]]:
+                  device: str | torch.device = "cpu",
+                  progress: bool = True) -> list[dict[str, float]]:
     """``stylize`` two image files (each at longer side ``settings.size``) into ``out``."""
     c = read_image(content, settings.size).to(device)
     st = read_image(style, settings.size)

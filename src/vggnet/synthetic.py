@@ -3,10 +3,10 @@
 Ten classes of flat objects (disc, ring, square, bar, triangle, star, cross, hexagon,
 crescent, arrow), each image showing one object of its class at a widely varying scale
 (diameter about 1/3 to 9/10 of the shorter side), position (anywhere, mostly near the middle,
-partly outside the frame at times) and rotation, in a random colour or texture, on a cluttered colour background
-(gradients, blotches, lines and small shapes, some of them in front of the object), with
-sensor-like noise, as JPEGs of varying non-square sizes. Shape is what defines a class;
-colour is only a weak cue (each class's objects lean to a hue of their own, with so much
+partly outside the frame at times) and rotation, in a random colour or texture, on a cluttered
+colour background (gradients, blotches, lines and small shapes, some of them in front of the
+object), with sensor-like noise, as JPEGs of varying non-square sizes. Shape is what defines a
+class; colour is only a weak cue (each class's objects lean to a hue of their own, with so much
 spread that neighbouring classes overlap), and some shapes are alike at small sizes
 (disc / hexagon / ring, square / bar), so a small network does not reach 100%.
 
@@ -40,7 +40,8 @@ from PIL import Image, ImageDraw
 
 from .annotations import LabelledBox, write_box_csv
 
-CLASSES = ("disc", "ring", "square", "bar", "triangle", "star", "cross", "hexagon", "crescent", "arrow")
+CLASSES = ("disc", "ring", "square", "bar", "triangle", "star", "cross", "hexagon", "crescent",
+           "arrow")
 SPLITS = {"train": 0, "val": 1}
 MARKER = "synthetic.json"
 VERSION = 6  # bump when the rendering or the files change, so cached copies are regenerated
@@ -99,7 +100,8 @@ POLYGONS = {
 }
 
 
-def _place(points: np.ndarray, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+def _place(points: np.ndarray, cx: float, cy: float, r: float,
+           angle: float) -> list[tuple[float, float]]:
     c, s = math.cos(angle), math.sin(angle)
     rot = points @ np.array([[c, s], [-s, c]])
     return [(cx + r * x, cy + r * y) for x, y in rot]
@@ -219,8 +221,8 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int
             draw.rectangle([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=colour)
         else:
             start = rng.uniform(0, 360)
-            draw.arc([x - 2 * r, y - 2 * r, x + 2 * r, y + 2 * r], start, start + rng.uniform(60, 270),
-                     fill=colour, width=int(rng.integers(1, 4)))
+            draw.arc([x - 2 * r, y - 2 * r, x + 2 * r, y + 2 * r], start,
+                     start + rng.uniform(60, 270), fill=colour, width=int(rng.integers(1, 4)))
 
 
 class Placement(NamedTuple):

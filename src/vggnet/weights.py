@@ -33,7 +33,8 @@ class LoadedModel:
     model: VGG
     preprocessing: Preprocessing
     class_names: list[str] | None = None
-    meta: dict = field(default_factory=dict)  # everything else the file said (provenance, training settings)
+    # everything else the file said (provenance, training settings)
+    meta: dict = field(default_factory=dict)
 
 
 def save_weights(path: str | os.PathLike, model: VGG, preprocessing: Preprocessing,
