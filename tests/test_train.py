@@ -12,7 +12,8 @@ from vggnet import preprocess
 from vggnet.checkpoint import load_checkpoint
 from vggnet.cli import main
 from vggnet.data import Batch
-from vggnet.model import create_model
+from vggnet.model import config_for, create_model
+from vggnet.runlog import history_figures, round_floats
 from vggnet.runtime import make_runtime
 from vggnet.settings import make_settings
 from vggnet.train import PlateauSchedule, init_from, sgd_step, train
@@ -137,14 +138,15 @@ def test_one_epoch_of_each_config(data, tmp_path, model):
 def test_run_folder_contents_and_stage_chaining(data, tmp_path):
     a = train(settings(data, tmp_path / "A", epochs=2))
     names = {p.name for p in (tmp_path / "A").iterdir()}
-    assert {"best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png", "lr.png",
+    assert {"best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png",
             "report.md", "settings.json", "tensorboard"} <= names
+    assert "lr.png" not in names  # the lr never dropped: the loss plot says so
     events = (tmp_path / "A" / "tensorboard").iterdir()
     assert any(p.name.startswith("events.out.tfevents") for p in events)
     lines = (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["epoch"] for r in rows] == [1, 2] and rows == a.history
-    assert "Training report: VGG A" in (tmp_path / "A" / "report.md").read_text()
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == round_floats(a.history)
+    assert "Training report: vgg11 (VGG A)" in (tmp_path / "A" / "report.md").read_text()
 
     deeper = create_model("D", num_classes=3, width=1 / 16, crop_size=32, seed=5)
     summary, meta = init_from(deeper, tmp_path / "A")
@@ -235,3 +237,49 @@ def test_cli_train_and_resume_rules(data, tmp_path, capsys):
     assert "only --workers" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "2"]) == 0  # one more epoch
     assert "finished after 2 epoch(s)" in capsys.readouterr().out
+
+
+def _row(epoch, lr, val, event):
+    return {"epoch": epoch, "step": 3 * epoch, "lr": lr, "train_loss": 2.0 - 0.1 * epoch,
+            "train_top1_err": 0.8, "val_loss": 1.9, "val_top1_err": val, "val_top5_err": 0.2,
+            "images_per_s": 123.456789, "epoch_s": 1.0, "bad_files": 0, "skipped_steps": 0,
+            "event": event}
+
+
+def test_plots_name_the_run_mark_the_best_epoch_and_fold_a_constant_lr():
+    steady = [_row(1, 0.01, 0.7, "improved"), _row(2, 0.01, 0.6, "improved"),
+              _row(3, 0.01, 0.65, "kept")]
+    figs = history_figures(steady, "A-reduced-1: vgg11 (VGG A)")
+    assert set(figs) == {"loss", "error"}  # no lr.png: the lr never changed
+    for fig in figs.values():
+        ax = fig.axes[0]
+        assert ax.get_title() == "A-reduced-1: vgg11 (VGG A)"
+        best = [ln for ln in ax.get_lines() if ln.get_label() == "best.pt (epoch 2)"]
+        assert len(best) == 1 and list(best[0].get_xdata()) == [2, 2]
+    legend = [t.get_text() for t in figs["loss"].axes[0].get_legend().get_texts()]
+    assert "lr 0.01 throughout" in legend
+    dropped = steady + [_row(4, 0.001, 0.5, "improved")]
+    figs = history_figures(dropped, "x")
+    assert set(figs) == {"loss", "error", "lr"}
+    assert figs["lr"].axes[0].get_yscale() == "log"
+
+
+def test_metrics_files_round_floats(tmp_path):
+    from vggnet.runlog import RunLog
+
+    row = _row(1, 0.01, 1 - 0.769, "improved")
+    row["val_top5_err"] = 100 * np.float32(0.231).item() / 100  # 0.23100000619888306
+    log = RunLog(tmp_path, history=[row])
+    log.close()
+    csv_row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert csv_row[5:9] == ["1.9", "0.231", "0.231", "123.457"]
+    assert str(row["val_top5_err"]) == "0.23100000619888306"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["images_per_s"] == 123.457
+
+
+def test_a_bn_model_has_batch_norm_in_its_settings():
+    s = make_settings("reduced", model="vgg11_bn")
+    assert s.batch_norm is True and s.to_dict()["batch_norm"] is True
+    assert make_settings("reduced", model="A").batch_norm is False
+    assert config_for("vgg11_bn").label == "vgg11_bn (VGG A with batch norm)"
+    assert config_for("C").label == "VGG C" and config_for("A-LRN").label == "VGG A-LRN"

@@ -12,6 +12,7 @@ does the cells (and trainings) that have no file yet.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -525,7 +526,14 @@ class Study:
 
 
 def reproduce_command(s: StudySettings) -> int:
-    """``vggnet reproduce``: run (or resume) the study, print the findings' verdicts."""
+    """``vggnet reproduce``: run (or, with the --out of an earlier study, resume) the study,
+    print the findings' verdicts."""
+    if s.out is None:
+        from .runlog import dated_folder
+
+        s = dataclasses.replace(s, out=str(dated_folder(Path("reproduce"), s.preset)))
+        print(f"study folder {s.out}; to resume it after an interruption, run the same command "
+              f"with --out {s.out}", flush=True)
     report = Study(s).run()
     for f in findings(load_cells(s.out)):
         print(f"{f.verdict:>16}: {f.claim}")

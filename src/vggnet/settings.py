@@ -58,7 +58,8 @@ class TrainSettings:
     val_labels: str | None = option(None, "labels file of a flat ImageNet val folder")
     # model
     model: str = option("A", MODEL_HELP, group="model")
-    batch_norm: bool = option(False, "batch norm after every conv", group="model")
+    batch_norm: bool = option(False, "batch norm after every conv (on for a _bn model)",
+                              group="model")
     width: float = option(1.0, "multiplies every conv and FC width", group="model")
     crop_size: int = option(224, "training crop (224 in the paper)", group="model")
     dropout: float = option(0.5, "dropout of fc6 and fc7", group="model")
@@ -136,7 +137,8 @@ class TrainSettings:
             raise ValueError(f"scale must be [Smin, Smax] with crop_size ({self.crop_size}) <= "
                              f"Smin <= Smax, got {list(scale)}; the paper uses 256, 384 or "
                              "[256, 512] for crop 224")
-        resolve_name(self.model)
+        if resolve_name(self.model)[1]:  # "vgg11_bn" has batch norm: say so in the settings
+            object.__setattr__(self, "batch_norm", True)
         if self.grad_compression not in GRAD_COMPRESSIONS:
             raise ValueError(f"grad_compression must be none, bf16 or fp16, got "
                              f"{self.grad_compression!r}")
@@ -334,7 +336,8 @@ class EvaluateCommand:
     protocol: EvalSettings = nested("vggnet.settings:EvalSettings")
     device: str = device_option()
     precision: str = precision_option()
-    out: str = option("evaluation", "folder for results.json, per_class.csv, confusion.png")
+    out: str | None = option(None, "folder for results.json, per_class.csv, confusion.png "
+                             "(default: a new evaluation/CHECKPOINT-METHOD-DATE)")
     progress: bool = progress_option()
 
 
@@ -380,7 +383,8 @@ class StudySettings:
                          "protocol", choices=tuple(STUDY_PRESETS))
     data: str | None = option(None, "dataset with train/ and val/ (default: the built-in "
                               "dataset, written to OUT/data; the paper preset needs ImageNet)")
-    out: str = option("reproduce", "study folder")
+    out: str | None = option(None, "study folder; an earlier study's resumes it (default: a "
+                             "new reproduce/PRESET-DATE)")
     epochs: int | None = option(None, "epochs of each S=256 stage (default: the preset's)")
     finetune_epochs: int | None = option(None, "epochs of each S=384 and jittered stage")
     train_per_class: int | None = option(None, "built-in dataset: training images per class")
@@ -417,8 +421,11 @@ class PredictSettings:
     convolutional net on whole images at each scale, averaged with the mirror image (the
     paper's dense evaluation)."""
 
-    images: tuple[str, ...] = option(positional="+", help="image files")
+    images: tuple[str, ...] = option(positional="+", help="image files or folders (searched "
+                                     "recursively)")
     weights: str = weights_option()
+    out: str | None = option(None, "write the predictions to a .csv or .json file (path, "
+                             "top classes with names, probabilities) instead of the screen")
     device: str = device_option()
     precision: str = precision_option()
     top: int = option(5, "classes listed per image")
@@ -431,6 +438,7 @@ class PredictSettings:
                               "images under DIR (representative ones, e.g. training images): "
                               "CPU, centre crop only; about 2x the bf16 speed, less exact "
                               "(docs/benchmarks.md)", metavar="DIR")
+    progress: bool = progress_option()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,7 +54,7 @@ from .model import VGG, VGGConfig, build, config_for
 from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
-from .runlog import RunLog, epoch_line
+from .runlog import RunLog, epoch_line, lr_changed
 from .runtime import Runtime, make_runtime
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
 from .transforms import ColorStats, EvalTransform, TrainTransform, compute_stats, device_batch
@@ -394,7 +394,7 @@ class Run:
 
     def describe(self) -> str:
         s, c, rt = self.settings, self.checked, self.runtime
-        return (f"training VGG {self.config.name} (width {s.width:g}, crop {s.crop_size}, S in "
+        return (f"training {self.config.label} (width {s.width:g}, crop {s.crop_size}, S in "
                 f"[{s.scale[0]}, {s.scale[1]}], Q={default_test_scale(s.scale)}) on "
                 f"{len(self.dataset.train):,} images of {len(self.dataset.class_names)} classes, "
                 f"{rt.device} {rt.amp_dtype or 'fp32'}; batch {s.batch_size} = "
@@ -670,7 +670,7 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
             if status != "interrupted":
-                log.plots(state.history)
+                log.plots(state.history, f"{run.folder.name}: {run.config.label}")
                 log.write_text("report.md", training_report(result, run))
         finally:
             log.close()
@@ -738,12 +738,12 @@ def training_report(r: TrainResult, run: Run) -> str:
     last = r.history[-1] if r.history else {}
     drops = sum(1 for h in r.history if h["event"] == "dropped")
     lines = [
-        f"# Training report: VGG {config.name}",
+        f"# Training report: {config.label}",
         "",
         f"- Data: `{s.data}` ({dataset.layout}): {len(dataset.train):,} training and "
         f"{len(dataset.val):,} validation images, {len(dataset.class_names)} classes"
         + (f"; {len(bad)} bad file(s) skipped (bad_files.txt)" if bad else ""),
-        f"- Model: {config.name}, width {s.width:g}, crop {s.crop_size}, {params:,} parameters, "
+        f"- Model: {config.label}, width {s.width:g}, crop {s.crop_size}, {params:,} parameters, "
         f"init {s.init}" + (f", initialised from `{s.init_from}`" if s.init_from else ""),
         f"- Recipe (preset `{s.preset}`): SGD momentum {s.momentum}, weight decay "
         f"{s.weight_decay:g}, dropout {s.dropout}, batch {s.batch_size}, lr {s.lr:g} divided by "
@@ -764,6 +764,8 @@ def training_report(r: TrainResult, run: Run) -> str:
                      f"{100 * last['val_top5_err']:.2f}% |")
         lines.append(f"| last epoch training (augmented crops) | "
                      f"{100 * last['train_top1_err']:.2f}% | |")
+    plots = "`loss.png`, `error.png`" + (", `lr.png`" if lr_changed(r.history) else
+                                         " (the lr never changed: stated in the loss plot)")
     lines += ["", "Files: `best.pt`, `last.pt` (checkpoints), `metrics.csv`, `metrics.jsonl`, "
-              "`tensorboard/`, `loss.png`, `error.png`, `lr.png`, `settings.json`.", ""]
+              f"`tensorboard/`, {plots}, `settings.json`.", ""]
     return "\n".join(lines)
