@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import shutil
 import signal
@@ -283,3 +284,80 @@ def test_a_bn_model_has_batch_norm_in_its_settings():
     assert make_settings("reduced", model="A").batch_norm is False
     assert config_for("vgg11_bn").label == "vgg11_bn (VGG A with batch norm)"
     assert config_for("C").label == "VGG C" and config_for("A-LRN").label == "VGG A-LRN"
+
+
+def _interrupt_at(model_box, when):
+    """on_step callback: after step 4, a hook sends this process SIGINT during the next
+    step's backward pass ("backward") or during the first validation ("validation")."""
+    def hook(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def on_step(step):
+        model = model_box[0]
+        if when == "backward" and step == 4:
+            model.classifier.fc8.weight.register_hook(hook)
+        if when == "validation" and step == 3:  # the last step of epoch 1
+            model.features.conv2_1.register_forward_hook(
+                lambda m, i, o: None if m.training else hook())
+    return on_step
+
+
+@pytest.mark.parametrize("when", ["backward", "validation"])
+def test_first_ctrl_c_abandons_the_step_and_resume_stays_exact(data, tmp_path, monkeypatch,
+                                                               when, capsys):
+    """The first Ctrl-C does not wait for the step (or the validation) to end: it is abandoned,
+    last.pt holds the last finished step, and the resumed run ends bit-identical to an
+    uninterrupted one (batch norm statistics and dropout's RNG are put back)."""
+    from vggnet import train as train_module
+
+    kw = dict(epochs=2, micro_batch=4, scale=(32, 48), model="A_bn")
+    whole = train(settings(data, tmp_path / "whole", **kw))
+    box = []
+    build = train_module.build
+    monkeypatch.setattr(train_module, "build", lambda *a, **k: box.append(build(*a, **k))
+                        or box[-1])
+    cut = train(settings(data, tmp_path / "cut", **kw), on_step=_interrupt_at(box, when))
+    assert cut.status == "interrupted"
+    err = capsys.readouterr().err
+    assert "SIGINT: abandoning this step, saving the last finished one" in err
+    ck = load_checkpoint(tmp_path / "cut" / "last.pt")
+    # backward: step 5 abandoned mid-way; validation: epoch 1's steps kept, not validated
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == ((1, 1, 4) if when == "backward"
+                                                           else (0, 3, 3))
+    monkeypatch.setattr(train_module, "build", build)
+    resumed = train(resume=tmp_path / "cut")
+    assert resumed.status == "finished" and resumed.epochs == 2
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [r["val_loss"] for r in a["metrics"]] == [r["val_loss"] for r in b["metrics"]]
+    assert whole.best_top1_err == resumed.best_top1_err
+
+
+def test_the_first_step_estimates_time_and_memory(data, tmp_path, capsys):
+    train(settings(data, tmp_path / "run", epochs=2))
+    out = capsys.readouterr().out
+    assert out.count("first step: ") == 1
+    assert re.search(r"first step: \d+ s \(start-up included\): about \d+ s per epoch of 3 "
+                     r"steps, about \d+ s for the 2 epoch\(s\) left at most .*; peak resident "
+                     r"memory \d+\.\d GiB", out)
+    assert out.index("first step: ") < out.index("epoch   1/2")
+
+
+def test_estimate_wording_and_the_preset_that_fits_a_cpu():
+    from vggnet.estimate import duration, first_step_estimate
+
+    assert [duration(s) for s in (45, 720, 6660, 6 * 86400 + 3600 * 1 + 1200)] == [
+        "45 s", "12 min", "1 h 51 min", "6 d 1 h"]
+    # the issue's case: 372 s a step, 19 steps an epoch, 74 epochs, 13.1 GB, on a CPU
+    text = first_step_estimate(372.0, 19, 74 * 19, 74, 13.1 * 1024, "resident memory", "cpu",
+                               "paper")
+    assert text.startswith("first step: 6 min (start-up included): about 1 h 58 min per epoch "
+                           "of 19 steps, about 6 d 1 h for the 74 epoch(s) left at most")
+    assert "peak resident memory 13.1 GiB" in text and "`--preset reduced`" in text
+    assert "`--preset reduced`" not in first_step_estimate(372.0, 19, 19, 1, 1024, "GPU memory",
+                                                           "cuda", "paper")
+    assert "even the reduced preset" in first_step_estimate(200.0, 19, 19, 1, 1024, "x", "cpu",
+                                                            "reduced")
+    assert "\n" not in first_step_estimate(1.0, 19, 19, 1, 1024, "x", "cpu", "paper")

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .progress import progress_bar
 from .settings import DemoSettings, TrainSettings, make_settings
 from .synthetic import is_made, make_synthetic
 
@@ -89,7 +90,9 @@ def run_demo(d: DemoSettings) -> DemoResult:
         print(f"generating the built-in dataset in {d.data_dir} ({d.dataset.count('train')} "
               f"train + {d.dataset.count('val')} val JPEGs, seed {d.dataset.seed}) ...",
               flush=True)
-    make_synthetic(d.data_dir, d.dataset)
+    total = d.dataset.count("train") + d.dataset.count("val")
+    with progress_bar(total, "writing", enabled=d.progress and not cached) as bar:
+        make_synthetic(d.data_dir, d.dataset, progress=bar.update)
     data_s = time.perf_counter() - t0
     print(f"dataset {d.data_dir}: {'already there' if cached else f'written in {data_s:.0f} s'}",
           flush=True)

@@ -38,8 +38,9 @@ def precision_option():
                   " else fp32; fp32 for full float32 numbers", choices=PRECISIONS)
 
 
-def progress_option():
-    return option(True, "progress bars with the time left, on stderr (--no-progress: none)")
+def progress_option(group: str | None = None):
+    return option(True, "progress bars with the time left, on stderr (--no-progress: none)",
+                  group=group)
 
 
 def weights_option():
@@ -110,8 +111,7 @@ class TrainSettings:
                         " are skipped as met)", group="runtime")
     save_every_min: float = option(30.0, "also save last.pt mid-epoch this often",
                                    group="runtime")
-    progress: bool = option(True, "progress bar with the time left (--no-progress: none)",
-                            group="runtime")
+    progress: bool = progress_option(group="runtime")
     # data parallelism (torchrun / --nproc): see distributed.py
     dist_timeout_s: float = option(600.0, "a collective waiting longer fails: a hung process "
                                    "cannot stall the run", group="data parallel (torchrun)")
@@ -502,6 +502,7 @@ class ExportSettings:
     format: str = option("onnx", "graph format", choices=EXPORT_FORMATS)
     dense: bool = option(False, "fully convolutional graph for any image size")
     out: str = option(help="output file")
+    progress: bool = progress_option()
 
 
 @dataclass(frozen=True, kw_only=True)

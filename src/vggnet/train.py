@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -49,13 +49,14 @@ from .data import (
     open_dataset,
     scan,
 )
+from .estimate import first_step_estimate
 from .initialize import copy_matching_layers, init_from_net_a
 from .model import VGG, VGGConfig, build, config_for
 from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
 from .runlog import RunLog, epoch_line, lr_changed
-from .runtime import Runtime, make_runtime
+from .runtime import Runtime, make_runtime, peak_memory
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
 from .transforms import ColorStats, EvalTransform, TrainTransform, compute_stats, device_batch
 
@@ -122,8 +123,8 @@ def _no_sync(model: nn.Module, last: bool):
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch],
              per_process_batch: int, runtime: Runtime, prep: Preprocessing, stats: ColorStats,
-             scaler: torch.amp.GradScaler | None = None,
-             poison: bool = False) -> tuple[torch.Tensor, bool]:
+             scaler: torch.amp.GradScaler | None = None, poison: bool = False,
+             interruptible: AbstractContextManager | None = None) -> tuple[torch.Tensor, bool]:
     """One SGD step on this process's share of a global batch, in micro-batches.
 
     Each micro-batch adds sum-of-losses / per_process_batch to the gradients, so the step
@@ -136,21 +137,23 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     micro_batches = list(micro_batches)
     optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
-    for i, batch in enumerate(micro_batches):
-        images = runtime.input(batch.images)
-        labels = batch.labels.to(runtime.device, non_blocking=True)
-        alpha = batch.alpha.to(runtime.device, non_blocking=True)
-        x = device_batch(images, prep, alpha=alpha, stats=stats)
-        with _no_sync(model, i == len(micro_batches) - 1):
-            with runtime.autocast():
-                logits = model(x)
-            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-            if poison:
-                loss_sum = loss_sum * float("nan")
-            loss = loss_sum / per_process_batch
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        top1, top5 = count_correct(logits.detach(), labels)
-        totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
+    # a stop may abandon the forward and backward passes (``interruptible``), never the update
+    with interruptible or nullcontext():
+        for i, batch in enumerate(micro_batches):
+            images = runtime.input(batch.images)
+            labels = batch.labels.to(runtime.device, non_blocking=True)
+            alpha = batch.alpha.to(runtime.device, non_blocking=True)
+            x = device_batch(images, prep, alpha=alpha, stats=stats)
+            with _no_sync(model, i == len(micro_batches) - 1):
+                with runtime.autocast():
+                    logits = model(x)
+                loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+                if poison:
+                    loss_sum = loss_sum * float("nan")
+                loss = loss_sum / per_process_batch
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            top1, top5 = count_correct(logits.detach(), labels)
+            totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
     finite = torch.isfinite(totals[0])
     if scaler is None:  # with fp16 the grad scaler itself skips steps whose gradients overflow
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -169,14 +172,17 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: Iterable[Batch], runtime: Runtime,
-             prep: Preprocessing) -> dict:
+             prep: Preprocessing, progress: Callable[[int], None] | None = None) -> dict:
     """Loss and top-1/top-5 error over ``batches`` (summed over processes). Images that failed
-    to decode (label -1) are left out and listed under "bad"."""
+    to decode (label -1) are left out and listed under "bad". ``progress(n)`` after each
+    batch of n images."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
     bad: list[str] = []
     for batch in batches:
+        if progress:
+            progress(len(batch.labels))
         bad.extend(batch.bad)
         keep = batch.labels >= 0
         if not keep.any():
@@ -219,8 +225,10 @@ def prepare_data(s: TrainSettings, info: distributed.DistInfo,
     bad: list[BadFile] = []
     if s.scan:
         t = time.perf_counter()
-        bad = distributed.broadcast_object(
-            scan(dataset.train.paths + dataset.val.paths) if info.is_main else None, info)
+        paths = dataset.train.paths + dataset.val.paths
+        with progress_bar(len(paths), "scanning", enabled=s.progress and info.is_main) as bar:
+            bad = distributed.broadcast_object(
+                scan(paths, progress=bar.update) if info.is_main else None, info)
         say(f"scanned {len(dataset.train) + len(dataset.val):,} files in "
             f"{time.perf_counter() - t:.1f} s: {len(bad)} bad")
     if bad and not s.skip_bad:
@@ -435,6 +443,7 @@ class TrainState:
     best_top5_err: float = math.inf
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     skips: int = 0  # consecutive skipped steps; not saved (a resumed run counts afresh)
+    timed: bool = False  # the first step's estimate was printed; not saved
 
     @classmethod
     def create(cls, run: Run, model: VGG) -> TrainState:
@@ -450,6 +459,8 @@ class TrainState:
         schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops,
                                    s.min_improvement)
         scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
+        for p in model.parameters():  # a Ctrl-C is handled mid-backward, at each weight's grad
+            p.register_hook(_signal_point)
         return cls(model, net, optimizer, schedule, scaler)
 
     @classmethod
@@ -503,8 +514,11 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
                     f"{[round(v, 2) for v in stats.mean_rgb]}")
     else:
         t = time.perf_counter()
-        stats = distributed.broadcast_object(compute_stats(
-            dataset.train.paths, s.scale[0], s.stats_images) if info.is_main else None, info)
+        n = min(len(dataset.train), s.stats_images or len(dataset.train))
+        with progress_bar(n, "colour statistics", enabled=s.progress and info.is_main) as bar:
+            stats = distributed.broadcast_object(compute_stats(
+                dataset.train.paths, s.scale[0], s.stats_images, progress=bar.update)
+                if info.is_main else None, info)
         log.message(f"mean RGB {[round(v, 2) for v in stats.mean_rgb]}, colour PCA eigenvalues "
                     f"{[f'{v:.2e}' for v in stats.eigval]} from {stats.images} training images "
                     f"({time.perf_counter() - t:.1f} s)")
@@ -522,16 +536,29 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
     return run, state
 
 
+def _signal_point(grad: torch.Tensor) -> None:
+    """A gradient hook that does nothing: Python runs a pending signal handler only between
+    Python instructions, so without it a Ctrl-C would wait for the whole backward pass (most
+    of a step). On the CPU the backward pass runs on this thread; the handler can then
+    abandon the step here."""
+
+
 # --- the loop -----------------------------------------------------------------------------------
-def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
+def take_step(state: TrainState, run: Run, batches: Iterator[Batch],
+              stop: StopRequest | None = None) -> int:
     """One SGD step on the next global batch, its sums added to the epoch's; a non-finite one
-    is skipped (``max_skips`` in a row halt the run). Returns the images it learnt from."""
+    is skipped (``max_skips`` in a row halt the run). Returns the images it learnt from.
+    ``stop`` may abandon it (``StepAbandoned``) while it loads and computes, before the
+    update."""
     s = run.settings
     fault = distributed.injected_fault(run.info, state.step + 1)
-    micro_batches = [next(batches) for _ in range(run.checked.accum)]
+    interruptible = stop.interruptible if stop is not None else nullcontext
+    with interruptible():
+        micro_batches = [next(batches) for _ in range(run.checked.accum)]
     totals, skipped = sgd_step(state.net, state.optimizer, micro_batches,
                                run.checked.micro * run.checked.accum, run.runtime, run.prep,
-                               run.stats, state.scaler, poison=fault == "nan")
+                               run.stats, state.scaler, poison=fault == "nan",
+                               interruptible=interruptible())
     totals = distributed.all_reduce_sum(totals).tolist()
     state.skips = state.skips + 1 if skipped else 0
     if skipped:
@@ -568,9 +595,13 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
                                pin_memory=run.pin))
     bar = progress_bar(run.steps_per_epoch, f"epoch {state.epoch + 1}/{s.epochs}", unit="step",
                        enabled=s.progress and run.info.is_main, initial=state.epoch_step)
-    t_epoch, images, stopped = time.perf_counter(), 0, False
-    while state.epoch_step < run.steps_per_epoch:
-        images += take_step(state, run, batches)
+    t_epoch, images, stopped = time.perf_counter(), 0, stop.requested
+    while not stopped and state.epoch_step < run.steps_per_epoch:
+        done = step_or_abandon(state, run, batches, stop)
+        if done is None:  # abandoned: the state is the last finished step's
+            stopped = True
+            break
+        images += done
         t = state.progress.totals
         bar.update(1)
         bar.set_postfix(loss=f"{t[0] / max(t[3], 1):.3f}", acc=f"{t[1] / max(t[3], 1):.3f}",
@@ -589,18 +620,74 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
     bar.close()
     state.progress.seconds += time.perf_counter() - t_epoch
     if stopped:
-        run.log.save("last.pt", state.to_checkpoint(run))
-        run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
-                        f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
-                        f"vggnet train --resume {run.folder}")
+        save_stopped(state, run)
     return stopped
 
 
-def end_of_epoch(state: TrainState, run: Run) -> str:
+def save_stopped(state: TrainState, run: Run) -> None:
+    run.log.save("last.pt", state.to_checkpoint(run))
+    run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
+                    f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
+                    f"vggnet train --resume {run.folder}")
+
+
+def step_or_abandon(state: TrainState, run: Run, batches: Iterator[Batch],
+                    stop: StopRequest) -> int | None:
+    """``take_step``, or None when a stop abandoned it (one process only): the RNG and the
+    batch-norm statistics are then put back as they were before it, so that the state saved
+    is exactly the last finished step's. The first step of the process is timed for the
+    estimate of the run's time and memory (a real step: nothing extra is computed)."""
+    before = StepStart(state.model, run.runtime.device) if stop.abandon else None
+    t = time.perf_counter()
+    try:
+        images = take_step(state, run, batches, stop)
+    except StepAbandoned:
+        before.restore(state.model)
+        return None
+    if not state.timed:
+        state.timed = True
+        s = run.settings
+        memory, what = peak_memory(run.runtime.device)
+        steps_left = (s.epochs - state.epoch) * run.steps_per_epoch - state.epoch_step + 1
+        run.log.message(first_step_estimate(time.perf_counter() - t, run.steps_per_epoch,
+                                            steps_left, s.epochs - state.epoch, memory, what,
+                                            run.runtime.device.type, s.preset))
+    return images
+
+
+class StepStart:
+    """What a step changes before its update, kept to abandon it: the global RNG state
+    (dropout) and the buffers (batch-norm statistics)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.rng = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+
+    def restore(self, model: nn.Module) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), self.buffers, strict=True):
+                b.copy_(saved)
+
+
+def end_of_epoch(state: TrainState, run: Run, stop: StopRequest | None = None) -> str:
     """Validate, step the schedule, record the epoch, save last.pt (and best.pt when the
-    validation error improved). Returns the schedule's event ("stop" ends the run)."""
-    val = validate(state.net, make_loader(run.val_images, 2 * run.checked.micro, run.workers,
-                                          pin_memory=run.pin), run.runtime, run.prep)
+    validation error improved). Returns the schedule's event ("stop" ends the run), or
+    "interrupted" when ``stop`` abandoned the validation (last.pt then holds the epoch's
+    steps, and a resumed run validates)."""
+    bar = progress_bar(len(run.val_images), "validating",
+                       enabled=run.settings.progress and run.info.is_main)
+    try:
+        with stop.interruptible() if stop is not None else nullcontext(), bar:
+            val = validate(state.net, make_loader(run.val_images, 2 * run.checked.micro,
+                                                  run.workers, pin_memory=run.pin),
+                           run.runtime, run.prep, progress=bar.update)
+    except StepAbandoned:
+        save_stopped(state, run)
+        return "interrupted"
     p = state.progress
     loss_sum, top1, _, n = p.totals
     lr = state.schedule.lr
@@ -659,13 +746,14 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
             run, state = start_run(s, ckpt, checked, log)
             log.message(run.describe())
             log.saved_at = time.perf_counter()
-            with StopRequest() as stop:
+            with StopRequest(abandon=checked.info.world_size == 1) as stop:
                 while state.epoch < s.epochs:
                     if train_epoch(state, run, stop, on_step):
                         status = "interrupted"
                         break
-                    if end_of_epoch(state, run) == "stop":
-                        status = "stopped"
+                    event = end_of_epoch(state, run, stop)
+                    if event in ("stop", "interrupted"):
+                        status = "stopped" if event == "stop" else "interrupted"
                         break
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
@@ -698,11 +786,21 @@ def train_command(c: TrainCommand) -> int:
     return 0
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once."""
+class StepAbandoned(BaseException):
+    """A stop arrived while a step (or a validation) was interruptible: it is dropped.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
-    def __init__(self) -> None:
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: save the last finished step and exit. With ``abandon`` (one
+    process), the step under way is abandoned at once (``interruptible``), so a stop takes
+    seconds even when a step takes minutes; with several processes, which must agree, the
+    step is finished first. A second Ctrl-C stops at once."""
+
+    def __init__(self, abandon: bool = False) -> None:
         self.requested = False
+        self.abandon = abandon
+        self._armed = False
         self._old: dict = {}
 
     def __enter__(self) -> StopRequest:
@@ -715,8 +813,28 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        now = self._armed
+        print(f"\n{signal.Signals(signum).name}: "
+              + ("abandoning this step, saving the last finished one" if now else
+                 "finishing this step, then saving") + " (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        if now:
+            raise StepAbandoned
+
+    @contextmanager
+    def interruptible(self):
+        """Within: a stop abandons the work at once (raises ``StepAbandoned``) if ``abandon``,
+        and if one was requested already. The caller undoes what the work changed."""
+        if not self.abandon:
+            yield
+            return
+        if self.requested:
+            raise StepAbandoned
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():

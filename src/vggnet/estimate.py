@@ -1,0 +1,49 @@
+"""What a training run will cost, said before it has run for long: the time per epoch and for
+the whole run and the peak memory, from its first step (a real one, timed: the run's results
+do not change), and on a CPU which preset fits.
+
+Plain Python (no torch): ``train.train_epoch`` measures, this module words it.
+"""
+
+from __future__ import annotations
+
+# an epoch longer than this on a CPU: say which preset fits
+CPU_EPOCH_MINUTES = 30.0
+
+
+def duration(seconds: float) -> str:
+    """A span for people: "45 s", "12 min", "1 h 51 min", "5 d 17 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{minutes:.0f} min"
+    hours, minutes = divmod(round(minutes), 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours + round(minutes / 60), 24)
+    return f"{days} d {hours} h"
+
+
+def first_step_estimate(step_s: float, steps_per_epoch: int, steps_left: int, epochs_left: int,
+                        memory_mib: float, memory_what: str, device_type: str,
+                        preset: str) -> str:
+    """The estimate printed after a run's first step (``step_s`` seconds, start-up included,
+    so an upper bound): per epoch, for the ``steps_left`` steps of at most ``epochs_left``
+    epochs, the peak memory, and on a CPU where an epoch takes longer than
+    ``CPU_EPOCH_MINUTES``, the preset that fits."""
+    epoch_s = step_s * steps_per_epoch
+    lines = [f"first step: {duration(step_s)} (start-up included): about {duration(epoch_s)} "
+             f"per epoch of {steps_per_epoch} steps, about {duration(step_s * steps_left)} for "
+             f"the {epochs_left} epoch(s) left at most (the lr schedule may stop sooner; "
+             f"validation not counted); peak {memory_what} {memory_mib / 1024:.1f} GiB"]
+    if device_type == "cpu" and epoch_s > 60 * CPU_EPOCH_MINUTES:
+        if preset == "paper":
+            lines.append("  an epoch at the paper's size takes that long on this CPU: "
+                         "`--preset reduced` (64-pixel crops, width 1/8, the same recipe) fits "
+                         "a CPU (`make demo` trains it in minutes); Ctrl-C stops this run, "
+                         "`vggnet train --resume` continues it")
+        else:
+            lines.append(f"  even the {preset} preset takes over {CPU_EPOCH_MINUTES:.0f} min an "
+                         "epoch on this CPU: train on fewer images, or on a GPU")
+    return "\n".join(lines)
