@@ -175,8 +175,9 @@ def make_settings(preset: str = "paper", **overrides) -> TrainSettings:
 class TrainCommand:
     """Train with the paper's recipe (SGD momentum 0.9, weight decay 5e-4, dropout 0.5, batch
     256, lr 1e-2 divided by 10 on validation plateaus, scale augmentation, flips, PCA colour
-    shift). Options not given come from --preset. Ctrl-C or SIGTERM finishes the step, saves
-    last.pt and says how to resume. Data parallel: `vggnet train --nproc N ...` runs torchrun
+    shift). Options not given come from --preset. The first step prints the time per epoch
+    and the memory. Ctrl-C or SIGTERM abandons the step under way, saves the last finished
+    one as last.pt and says how to resume. Data parallel: `vggnet train --nproc N ...` runs torchrun
     (or run `torchrun --nproc-per-node N -m vggnet train ...` yourself); --batch-size stays the
     global batch."""
 
