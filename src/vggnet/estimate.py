@@ -7,8 +7,8 @@ Plain Python (no torch): ``train.train_epoch`` measures, this module words it.
 
 from __future__ import annotations
 
-# an epoch longer than this on a CPU: say which preset fits
-CPU_EPOCH_MINUTES = 30.0
+# a run longer than this on a CPU: say which preset fits
+CPU_RUN_HOURS = 2.0
 
 
 def duration(seconds: float) -> str:
@@ -30,20 +30,20 @@ def first_step_estimate(step_s: float, steps_per_epoch: int, steps_left: int, ep
                         preset: str) -> str:
     """The estimate printed after a run's first step (``step_s`` seconds, start-up included,
     so an upper bound): per epoch, for the ``steps_left`` steps of at most ``epochs_left``
-    epochs, the peak memory, and on a CPU where an epoch takes longer than
-    ``CPU_EPOCH_MINUTES``, the preset that fits."""
-    epoch_s = step_s * steps_per_epoch
+    epochs, the peak memory, and on a CPU where the run would take longer than
+    ``CPU_RUN_HOURS``, the preset that fits."""
+    epoch_s, run_s = step_s * steps_per_epoch, step_s * steps_left
     lines = [f"first step: {duration(step_s)} (start-up included): about {duration(epoch_s)} "
-             f"per epoch of {steps_per_epoch} steps, about {duration(step_s * steps_left)} for "
+             f"per epoch of {steps_per_epoch} steps, about {duration(run_s)} for "
              f"the {epochs_left} epoch(s) left at most (the lr schedule may stop sooner; "
              f"validation not counted); peak {memory_what} {memory_mib / 1024:.1f} GiB"]
-    if device_type == "cpu" and epoch_s > 60 * CPU_EPOCH_MINUTES:
+    if device_type == "cpu" and run_s > 3600 * CPU_RUN_HOURS:
         if preset == "paper":
-            lines.append("  an epoch at the paper's size takes that long on this CPU: "
-                         "`--preset reduced` (64-pixel crops, width 1/8, the same recipe) fits "
-                         "a CPU (`make demo` trains it in minutes); Ctrl-C stops this run, "
-                         "`vggnet train --resume` continues it")
+            lines.append("  the paper's size is meant for GPUs: on a CPU, `--preset reduced` "
+                         "(64-pixel crops, width 1/8, the same recipe) fits (`make demo` trains "
+                         "it in minutes on the built-in data); Ctrl-C stops this run, `vggnet "
+                         "train --resume` continues it")
         else:
-            lines.append(f"  even the {preset} preset takes over {CPU_EPOCH_MINUTES:.0f} min an "
-                         "epoch on this CPU: train on fewer images, or on a GPU")
+            lines.append(f"  even the {preset} preset would take over {CPU_RUN_HOURS:g} h on this "
+                         "CPU: train on fewer images or for fewer --epochs, or on a GPU")
     return "\n".join(lines)

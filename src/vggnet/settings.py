@@ -491,6 +491,7 @@ class ConvertSettings:
     sha256: str | None = option(None, "expected SHA-256 of the input (full, or a prefix of >= 8 "
                                 "hex digits)")
     prototxt: str | None = option(None, "Caffe deploy .prototxt defining the net (optional)")
+    progress: bool = progress_option()
 
 
 @dataclass(frozen=True, kw_only=True)
