@@ -12,7 +12,9 @@ CPU_RUN_HOURS = 2.0
 
 
 def duration(seconds: float) -> str:
-    """A span for people: "45 s", "12 min", "1 h 51 min", "5 d 17 h"."""
+    """A span for people: "0.4 s", "45 s", "12 min", "1 h 51 min", "5 d 17 h"."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     minutes = seconds / 60
