@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 import types
 import typing
@@ -25,9 +27,9 @@ from .fields import resolve
 
 DESCRIPTION = ("Build, train, evaluate, import, inspect and deploy VGG networks "
                "(Simonyan & Zisserman, ICLR 2015).")
-# errors that are the user's to fix: one line and exit code 2, no traceback
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-               FloatingPointError)
+# errors that are the user's to fix: one line and exit code 2, no traceback. OSError: a file
+# that cannot be read or written (checkpoint.WriteError: a full disk, saying what is intact)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 @dataclass(frozen=True)
@@ -213,3 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vggnet {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The program (``vggnet``, ``python -m vggnet``): ``main``, then exit with its code. A
+    Ctrl-C from then on (while the interpreter shuts down: loader workers, torch's finalizers)
+    exits at once with 130, instead of a traceback from an atexit callback."""
+    code = 130
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C between main's own handling and here
+        pass
+    finally:
+        signal.signal(signal.SIGINT, lambda signum, frame: _exit_now(130))
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checkpoint import check_output_folder
 from .image import BadImageError, load_rgb_reduced, shorter_side_size
 from .progress import progress_bar
 from .protocol import default_test_scales
@@ -413,7 +414,9 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
 
 
 def evaluate_command(c: EvaluateCommand) -> int:
-    """``vggnet evaluate``: evaluate, print the report, write its files."""
+    """``vggnet evaluate``: evaluate, print the report, write its files (--out checked
+    first, so that a file or a read-only folder there costs no evaluation)."""
+    check_output_folder(c.out, "evaluation")
     samples, classes = list_eval_data(c.data, c.split, c.val_labels)
     report = evaluate(c.checkpoints, samples, classes, c.protocol, device=c.device,
                       precision=c.precision, progress=c.progress)

@@ -12,6 +12,7 @@ this module and nothing heavy.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from .fields import known_fields, nested, option
@@ -21,9 +22,10 @@ from .protocol import INIT_SCHEMES, METHODS, PASSES, PRESETS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 EXPORT_FORMATS = ("onnx", "torchscript")
-# what a resumed run may change: how it executes, never what it computes (and how long it runs)
+# what a resumed run may change: how it executes, never what it computes (and how long it runs);
+# data and val_labels: where a moved dataset now is (checked to be the same classes and images)
 RESUMABLE = ("workers", "progress", "device", "precision", "channels_last", "compile", "epochs",
-             "dist_timeout_s", "bucket_mb")
+             "dist_timeout_s", "bucket_mb", "data", "val_labels")
 MODEL_HELP = "A, A-LRN, B, C, D, E or vgg11, vgg13, vgg16, vgg19 (each also with _bn)"
 
 
@@ -127,16 +129,22 @@ class TrainSettings:
     def __post_init__(self) -> None:
         # the model's names are in model.py (torch); imported here, where settings are made,
         # not for --help. model.py imports nothing from this module.
-        from .model import resolve_name
+        from .model import config_for
 
+        # the net's own checks (width, crop size, dropout), before anything is read or written
+        config_for(self.model, batch_norm=self.batch_norm, width=self.width,
+                   crop_size=self.crop_size, dropout=self.dropout)
+        _check_run_values(self)
         scale = tuple(int(s) for s in self.scale)
+        if len(scale) > 2:
+            raise ValueError(f"--scale takes S (fixed) or SMIN,SMAX (jittered): one or two "
+                             f"values, got {len(scale)}: {','.join(map(str, scale))}")
         scale = scale * 2 if len(scale) == 1 else scale  # "S" is the fixed scale [S, S]
         object.__setattr__(self, "scale", scale)
         if len(scale) != 2 or not self.crop_size <= scale[0] <= scale[1]:
             raise ValueError(f"scale must be [Smin, Smax] with crop_size ({self.crop_size}) <= "
                              f"Smin <= Smax, got {list(scale)}; the paper uses 256, 384 or "
                              "[256, 512] for crop 224")
-        resolve_name(self.model)
         if self.grad_compression not in GRAD_COMPRESSIONS:
             raise ValueError(f"grad_compression must be none, bf16 or fp16, got "
                              f"{self.grad_compression!r}")
@@ -157,6 +165,23 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d: dict) -> TrainSettings:
         return cls(**known_fields(cls, d, "training settings"))
+
+
+def _check_run_values(s: TrainSettings) -> None:
+    """The values PyTorch would only reject (or misread) once the run has started; the paths
+    made absolute, so that the run can be resumed from any folder."""
+    if s.workers is not None and (isinstance(s.workers, bool) or s.workers < 0):
+        raise ValueError(f"--workers must be >= 0 (0 loads the images in the training process),"
+                         f" got {s.workers!r}")
+    if not s.pca_std >= 0:  # also NaN
+        raise ValueError(f"--pca-std must be >= 0 (the std of the PCA colour shift; 0 turns it "
+                         f"off), got {s.pca_std!r}")
+    if not s.save_every_min > 0:
+        raise ValueError(f"--save-every-min must be > 0 minutes (last.pt is also saved at every "
+                         f"epoch end and on Ctrl-C), got {s.save_every_min!r}")
+    for name in ("data", "val_labels"):
+        if getattr(s, name):
+            object.__setattr__(s, name, os.path.abspath(getattr(s, name)))
 
 
 def make_settings(preset: str = "paper", **overrides) -> TrainSettings:

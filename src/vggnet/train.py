@@ -54,10 +54,12 @@ from .model import VGG, VGGConfig, build, config_for
 from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
+from .runfolder import finished, hold_run_folder, repair_best, sigterm_stops
 from .runlog import RunLog, epoch_line
 from .runtime import Runtime, make_runtime
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
 from .transforms import ColorStats, EvalTransform, TrainTransform, compute_stats, device_batch
+from .weights import check_state_fits
 
 CHECKPOINT_FORMAT = "vggnet.checkpoint/1"
 
@@ -197,21 +199,6 @@ def validate(model: nn.Module, batches: Iterable[Batch], runtime: Runtime,
 
 
 # --- setting a run up: every check before any work --------------------------------------------
-def prepare_folder(out: Path, resuming: bool) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write to the output folder {str(out)!r} ({type(e).__name__}: "
-                         f"{e.strerror or e}); choose another --out") from None
-    if not resuming and (out / "last.pt").exists():
-        raise ValueError(f"{str(out)!r} already holds a run (last.pt); continue it with "
-                         f"`vggnet train --resume {out}`, or choose another --out")
-    return out
-
-
 def prepare_data(s: TrainSettings, info: distributed.DistInfo,
                  say: Callable[[str], None] = print) -> tuple[Dataset, list[BadFile]]:
     """List the dataset (layout errors raise here), scan every file, refuse or skip bad ones."""
@@ -293,10 +280,10 @@ def check_resumable(overrides: dict) -> dict:
     return given
 
 
-def settings_and_checkpoint(settings: TrainSettings | None, resume: str | os.PathLike | None,
-                            overrides: dict) -> tuple[TrainSettings, dict | None]:
-    """The settings of a new run (with its folder named), or of the run ``resume`` continues
-    (its checkpoint's, with ``overrides``) and that checkpoint."""
+def name_run(settings: TrainSettings | None, resume: str | os.PathLike | None
+             ) -> tuple[TrainSettings | None, Path | None]:
+    """A new run's folder named (default runs/MODEL-PRESET-DATE); a group that torchrun
+    restarted continues from its last.pt."""
     if resume is None and settings is not None:
         if settings.out is None:
             # under torchrun the run id is the same for every rank and every restart
@@ -305,18 +292,50 @@ def settings_and_checkpoint(settings: TrainSettings | None, resume: str | os.Pat
             settings = dataclasses.replace(settings, out=str(out))
         if distributed.restarted() and (Path(settings.out) / "last.pt").is_file():
             resume = Path(settings.out) / "last.pt"  # torchrun restarted the group: continue
+    if resume is None and settings is None:
+        raise ValueError("train() needs settings or resume")
+    return settings, None if resume is None else Path(resume)
+
+
+def checkpoint_path(resume: Path) -> Path:
+    """What --resume names: a run folder means its last.pt."""
+    return resume / "last.pt" if resume.is_dir() else resume
+
+
+def run_config(s: TrainSettings, num_classes: int) -> VGGConfig:
+    return config_for(s.model, num_classes=num_classes, batch_norm=s.batch_norm, width=s.width,
+                      crop_size=s.crop_size, dropout=s.dropout)
+
+
+def settings_and_checkpoint(settings: TrainSettings | None, resume: Path | None,
+                            overrides: dict) -> tuple[TrainSettings, dict | None]:
+    """The settings of a new run, or of the run ``resume`` continues (its checkpoint's, with
+    ``overrides``) and that checkpoint, its tensors checked against those settings' net."""
     if resume is None:
-        if settings is None:
-            raise ValueError("train() needs settings or resume")
         return settings, None
     given = check_resumable(overrides)
-    path = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
+    path = checkpoint_path(resume)
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a vggnet training checkpoint (format "
                          f"{ckpt.get('format')!r}); --resume takes a run folder or its last.pt")
-    return TrainSettings.from_dict({**ckpt["train_settings"], **given,
-                                    "out": str(path.parent)}), ckpt
+    s = TrainSettings.from_dict({**ckpt["train_settings"], **given, "out": str(path.parent)})
+    check_state_fits(run_config(s, len(ckpt["class_names"])), ckpt["model"], repr(str(path)),
+                     "its training settings describe")
+    return s, ckpt
+
+
+def check_same_data(ckpt: dict, dataset: Dataset, root: str) -> None:
+    """A resumed run trains on the data it started with, wherever that is now (--data)."""
+    if ckpt["class_names"] != dataset.class_names:
+        raise ValueError(f"the dataset's classes changed since the checkpoint was written "
+                         f"({len(ckpt['class_names'])} then, {len(dataset.class_names)} in "
+                         f"{root!r} now); resume on the same data")
+    now = {"train": len(dataset.train), "val": len(dataset.val)}
+    if ckpt.get("images", now) != now:
+        raise ValueError(f"{root!r} holds {now['train']:,} training and {now['val']:,} "
+                         f"validation images; the run was trained on {ckpt['images']['train']:,}"
+                         f" and {ckpt['images']['val']:,}: resume on the same data (--data)")
 
 
 class Checked(NamedTuple):
@@ -331,34 +350,22 @@ class Checked(NamedTuple):
 
 
 def check_run(s: TrainSettings, ckpt: dict | None) -> Checked:
-    """Every check before anything is computed or written; a folder it created for nothing is
-    removed again."""
+    """Every check before anything is computed or written."""
     runtime = make_runtime(s.device, s.precision, s.channels_last, s.compile)
     if s.sync_bn and runtime.device.type != "cuda":
         raise ValueError("--sync-bn synchronises batch norm across GPUs (NCCL); it needs CUDA, "
                          f"this run is on {runtime.device}")
     info = distributed.init_distributed(runtime.device, s.dist_timeout_s)
-    folder = Path(s.out)
-    created = not folder.exists()
-    if info.is_main:
-        prepare_folder(folder, resuming=ckpt is not None)
     say = print if info.is_main else (lambda *a, **k: None)
-    try:
-        if ckpt is None and s.init_from:
-            resolve_checkpoint(s.init_from)
-        dataset, bad = prepare_data(s, info, say)
-        if ckpt is not None and ckpt["class_names"] != dataset.class_names:
-            raise ValueError(f"the dataset's classes changed since the checkpoint was written "
-                             f"({len(ckpt['class_names'])} then, {len(dataset.class_names)} "
-                             "now); resume on the same data")
-        micro, accum = distributed.split_batch(s.batch_size, info.world_size, s.micro_batch)
-        if len(dataset.train) < s.batch_size:
-            raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one "
-                             f"batch of {s.batch_size}; lower --batch-size")
-    except BaseException:
-        if created and info.is_main and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-        raise
+    if ckpt is None and s.init_from:
+        resolve_checkpoint(s.init_from)
+    dataset, bad = prepare_data(s, info, say)
+    if ckpt is not None:
+        check_same_data(ckpt, dataset, s.data)
+    micro, accum = distributed.split_batch(s.batch_size, info.world_size, s.micro_batch)
+    if len(dataset.train) < s.batch_size:
+        raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one "
+                         f"batch of {s.batch_size}; lower --batch-size")
     return Checked(runtime, info, dataset, bad, micro, accum)
 
 
@@ -390,6 +397,7 @@ class Run:
     def constants(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(),
                 "preprocessing": self.prep.to_dict(), "class_names": self.dataset.class_names,
+                "images": {"train": len(self.dataset.train), "val": len(self.dataset.val)},
                 "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict()}
 
     def describe(self) -> str:
@@ -488,8 +496,7 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
     """The model (initialised, or from ``--init-from``), the colour statistics (the
     checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
     dataset, info = checked.dataset, checked.info
-    config = config_for(s.model, num_classes=len(dataset.class_names), batch_norm=s.batch_norm,
-                        width=s.width, crop_size=s.crop_size, dropout=s.dropout)
+    config = run_config(s, len(dataset.class_names))
     model = build(config, init=s.init, seed=s.seed)
     source_meta: dict = {}
     if ckpt is None and s.init_from:
@@ -616,11 +623,11 @@ def end_of_epoch(state: TrainState, run: Run) -> str:
     state.epoch, state.epoch_step, state.progress = state.epoch + 1, 0, EpochProgress()
     if event == "improved":
         state.best_top1_err, state.best_top5_err = val["top1_err"], val["top5_err"]
+    run.log.epoch(row)  # first: after a kill the metrics are never behind last.pt
     ckpt = state.to_checkpoint(run)
-    run.log.save("last.pt", ckpt)
+    run.log.save("last.pt", ckpt)  # then best.pt: runfolder.repair_best mends a kill between
     if event == "improved":
         run.log.save("best.pt", ckpt)
-    run.log.epoch(row)
     run.log.message(epoch_line(row, run.settings.epochs) + (
         f"\n  decode failures this epoch (skipped):\n{format_bad(bad, 10)}" if bad else ""))
     if event == "stop":
@@ -632,7 +639,9 @@ def end_of_epoch(state: TrainState, run: Run) -> str:
 @dataclass
 class TrainResult:
     folder: Path
-    status: str  # "finished", "stopped" (plateau after the last lr drop), "interrupted"
+    # "finished", "stopped" (plateau after the last lr drop), "interrupted", or "already
+    # finished" (a resumed run that was finished: nothing done)
+    status: str
     epochs: int
     best_top1_err: float
     best_top5_err: float
@@ -646,10 +655,38 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
 
     ``overrides`` (``settings.RESUMABLE``: workers, progress, device, precision, ...) may
     change how a resumed run executes, never what it computes up to where it was going;
-    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step.
+    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step. The run
+    folder is locked throughout (``runfolder``); resuming a finished run changes nothing.
     """
     t_start = time.perf_counter()
-    s, ckpt = settings_and_checkpoint(settings, resume, overrides)
+    settings, resume = name_run(settings, resume)
+    folder = Path(settings.out) if resume is None else checkpoint_path(resume).parent
+    with hold_run_folder(folder, resuming=resume is not None), sigterm_stops():
+        s, ckpt = settings_and_checkpoint(settings, resume, overrides)
+        done = None if ckpt is None else check_resumed(s, ckpt, checkpoint_path(resume))
+        return done or run_training(s, ckpt, on_step, t_start)
+
+
+def check_resumed(s: TrainSettings, ckpt: dict, path: Path) -> TrainResult | None:
+    """A resumed run's best.pt mended if a kill left it behind (main process); the run's
+    result, unchanged, if it is finished."""
+    main = distributed.env_info().is_main
+    note = repair_best(ckpt, path) if main else None
+    if note:
+        print(note, flush=True)
+    why = finished(s, ckpt)
+    if why is None:
+        return None
+    if main:
+        print(why, flush=True)
+    return TrainResult(path.parent, "already finished", ckpt["epoch"], ckpt["best_top1_err"],
+                       ckpt["best_top5_err"], 0.0, list(ckpt["metrics"]))
+
+
+def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], None] | None,
+                 t_start: float) -> TrainResult:
+    """Check, set up, then alternate ``train_epoch`` and ``end_of_epoch``; the report at the
+    end."""
     checked = check_run(s, ckpt)
     log = RunLog(Path(s.out), enabled=checked.info.is_main,
                  history=list(ckpt["metrics"]) if ckpt else [])
@@ -666,6 +703,9 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
                         break
                     if end_of_epoch(state, run) == "stop":
                         status = "stopped"
+                        break
+                    if state.epoch < s.epochs and stopped_after_epoch(state, run, stop):
+                        status = "interrupted"
                         break
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
@@ -691,11 +731,21 @@ def train_command(c: TrainCommand) -> int:
         result = train(make_settings(c.preset, **c.given))
     if result.status == "interrupted":
         return 130
-    if distributed.env_info().is_main:
+    if distributed.env_info().is_main and result.status != "already finished":
         print(f"{result.status} after {result.epochs} epoch(s), {result.seconds / 60:.1f} min: "
               f"best val top-1 error {100 * result.best_top1_err:.2f}%, top-5 "
               f"{100 * result.best_top5_err:.2f}%; run folder {result.folder} (report.md)")
     return 0
+
+
+def stopped_after_epoch(state: TrainState, run: Run, stop: StopRequest) -> bool:
+    """A stop requested during validation or the epoch-end save ends the run here: the epoch's
+    checkpoint is saved already, so it costs no further step and no further save."""
+    stopped, = distributed.agree(stop.requested, device=run.runtime.device)
+    if stopped:
+        run.log.message(f"stopped after epoch {state.epoch}; {run.folder / 'last.pt'} holds its "
+                        f"end\nresume with: vggnet train --resume {run.folder}")
+    return stopped
 
 
 class StopRequest:
