@@ -81,8 +81,8 @@ def test_explain_writes_pngs_and_lists_the_skipped(files, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
         "a.png", "a.safetensors", "b.png", "b.safetensors"]
     lines = out.splitlines()
-    assert lines[:2] == [f"{files / 'photos' / 'a.png'}: class 1 ring",
-                         f"{files / 'photos' / 'b.jpg'}: class 1 ring"]
+    assert lines[:2] == [f"{files / 'photos' / 'a.png'}: ring (class 1)",
+                         f"{files / 'photos' / 'b.jpg'}: ring (class 1)"]
     assert lines[2] == (f"wrote 2 explanation(s) to {tmp_path / 'ex'}; skipped 1 image(s) that "
                         "could not be decoded:")
     assert lines[3].startswith(f"  {files / 'photos' / 'broken.jpg'}: ")

@@ -297,8 +297,8 @@ def explain_command(s: ExplainSettings) -> int:
     skipped = [r for r in results if r.error]
     for r in results:
         if r.error is None:
-            name = describe(loaded.class_names[r.target]) if loaded.class_names else ""
-            print(f"{r.path}: class {r.target} {name}".rstrip())
+            name = describe(loaded.class_names[r.target]) if loaded.class_names else "class"
+            print(f"{r.path}: {name} (class {r.target})")
     print(f"wrote {len(results) - len(skipped)} explanation(s) to {s.out}"
           + (f"; skipped {len(skipped)} image(s) that could not be decoded:" if skipped else ""))
     for r in skipped:

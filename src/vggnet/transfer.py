@@ -45,10 +45,12 @@ class Transfer:
                    tuple(d.get("frozen", ())))
 
     def describe(self) -> str:
+        fixed = (f"{self.frozen[0]} ... {self.frozen[-1]} ({len(self.frozen)} layers)"
+                 if self.frozen else "")
+        if set(self.copied) <= set(self.frozen):
+            return f"every copied layer fixed: {fixed}"
         text = f"copied layers train at {self.lr_factor:g} x lr"
-        if self.frozen:
-            text += f"; fixed: {self.frozen[0]} ... {self.frozen[-1]} ({len(self.frozen)} layers)"
-        return text
+        return text + (f"; fixed: {fixed}" if fixed else "")
 
 
 def parameter_layers(model: nn.Module) -> list[str]:
