@@ -117,6 +117,7 @@ def test_freeze_until_errors(data, tmp_path, until, message):
     with pytest.raises(ValueError, match=message):
         train(settings(data, tmp_path / "run", model="D", freeze_until=until,
                        init_from=str(tmp_path / "w.safetensors")))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_freeze_until_fc7_trains_the_new_classifier_alone(data, tmp_path):

@@ -57,7 +57,14 @@ from .protocol import default_test_scale
 from .runlog import RunLog, epoch_line
 from .runtime import Runtime, make_runtime
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
-from .transfer import FINE_TUNE_LR_FACTOR, Transfer, frozen_layers, param_groups
+from .transfer import (
+    FINE_TUNE_LR_FACTOR,
+    Transfer,
+    check_layer_name,
+    freeze,
+    frozen_layers,
+    param_groups,
+)
 from .transforms import ColorStats, EvalTransform, TrainTransform, compute_stats, device_batch
 
 CHECKPOINT_FORMAT = "vggnet.checkpoint/1"
@@ -397,6 +404,8 @@ def check_run(s: TrainSettings, ckpt: dict | None) -> Checked:
             from .split import check_split_record
 
             check_split_record(ckpt["split"], dataset.val.samples, dataset.root)
+        if ckpt is None and s.freeze_until:  # the name; what was copied is checked on copying
+            check_layer_name(config_for(s.model, batch_norm=s.batch_norm), s.freeze_until)
         micro, accum = distributed.split_batch(s.batch_size, info.world_size, s.micro_batch)
         if len(dataset.train) < s.batch_size:
             raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one "
@@ -492,6 +501,8 @@ class TrainState:
         """A fresh state around ``model`` (initialised): SGD with the recipe's settings."""
         s, rt = run.settings, run.runtime
         model.train()
+        if run.transfer is not None:  # before DDP and compile see which parameters train
+            freeze(model, run.transfer.frozen)
         if s.sync_bn and run.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = distributed.wrap_ddp(rt.prepare(model), run.info, rt.device, s.bucket_mb,

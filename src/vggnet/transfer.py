@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .fields import known_fields
+from .model import VGGConfig, build
 
 FINE_TUNE_LR_FACTOR = 0.1  # the paper's 1e-3 for nets initialised from trained ones
 
@@ -60,15 +62,23 @@ def parameter_layers(model: nn.Module) -> list[str]:
             if any(True for _ in m.parameters(recurse=False))]
 
 
+def check_layer_name(config: VGGConfig, until: str) -> list[str]:
+    """The parameter layers of ``config``'s net (built on the meta device: nothing allocated)
+    if ``until`` is one that may be kept fixed (any but fc8); else an error listing them."""
+    with torch.device("meta"):
+        layers = parameter_layers(build(config, init=None))
+    if until not in layers or until == layers[-1]:
+        raise ValueError(f"--freeze-until {until!r} is not a layer that can be kept fixed in VGG "
+                         f"{config.name}; choose one of {', '.join(layers[:-1])}")
+    return layers
+
+
 def frozen_layers(model: nn.Module, until: str | None, copied: tuple[str, ...]) -> tuple[str, ...]:
     """The layers from the first to ``until`` (a conv takes its batch norm along), all of
     which must have been copied; an unknown or uncopied name is an error naming the choices."""
     if until is None:
         return ()
-    layers = parameter_layers(model)
-    if until not in layers or until == layers[-1]:
-        raise ValueError(f"--freeze-until {until!r} is not a layer that can be kept fixed in VGG "
-                         f"{model.config.name}; choose one of {', '.join(layers[:-1])}")
+    layers = check_layer_name(model.config, until)
     end = layers.index(until) + 1
     if end < len(layers) and layers[end] == until.replace("conv", "bn"):
         end += 1
@@ -93,11 +103,10 @@ def freeze(model: nn.Module, frozen: tuple[str, ...]) -> None:
 
 def param_groups(model: nn.Module, transfer: Transfer | None) -> list[dict]:
     """The optimizer's parameter groups, each with its "lr_scale": the copied layers (at
-    ``transfer.lr_factor``) then the others (at 1), fixed layers left out; one group at 1
+    ``transfer.lr_factor``) then the others (at 1), the ``freeze``d layers left out; one group at 1
     without a transfer. Empty groups are dropped; the order is the model's."""
     if transfer is None:
         return [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    freeze(model, transfer.frozen)
     copied, new = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
