@@ -71,17 +71,24 @@ def test_init_from_torchvision_weights_keeps_their_input_and_trains_them_at_lr_t
     assert "input RGB in [0, 1], minus mean (0.485, 0.456, 0.406)" in report
 
 
-def test_stage_chaining_from_net_a_keeps_the_full_lr(data, tmp_path):
+@pytest.fixture(scope="module")
+def net_a(data, tmp_path_factory):
+    """A run folder of net A (one epoch on the tiny dataset)."""
+    out = tmp_path_factory.mktemp("net") / "A"
+    train(settings(data, out, model="A"))
+    return out
+
+
+def test_stage_chaining_from_net_a_keeps_the_full_lr(data, net_a, tmp_path):
     """The paper: "we did not decrease the learning rate for the pre-initialised layers"."""
-    train(settings(data, tmp_path / "A", model="A"))
-    train(settings(data, tmp_path / "D", model="D", init_from=str(tmp_path / "A")))
+    train(settings(data, tmp_path / "D", model="D", init_from=str(net_a)))
     ckpt = load_checkpoint(tmp_path / "D" / "last.pt")
     assert ckpt["transfer"]["lr_factor"] == 1.0
     assert ckpt["transfer"]["copied"] == ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6",
                                           "fc7", "fc8"]
     assert {g["lr"] for g in ckpt["optimizer"]["param_groups"]} == {1e-2}
     # our own run's input convention carries over too (its mean RGB subtracted)
-    assert ckpt["preprocessing"] == load_checkpoint(tmp_path / "A" / "last.pt")["preprocessing"]
+    assert ckpt["preprocessing"] == load_checkpoint(net_a / "last.pt")["preprocessing"]
 
 
 def test_freeze_until_keeps_layers_and_batch_norm_statistics(data, tmp_path):
@@ -128,9 +135,8 @@ def test_freeze_until_fc7_trains_the_new_classifier_alone(data, tmp_path):
     assert [(g["lr_scale"], len(g["params"])) for g in groups] == [(1.0, 2)]
 
 
-def test_freezing_a_layer_that_was_not_copied_is_refused(data, tmp_path):
-    train(settings(data, tmp_path / "A", model="A"))
-    s = settings(data, tmp_path / "D", model="D", init_from=str(tmp_path / "A"),
+def test_freezing_a_layer_that_was_not_copied_is_refused(data, net_a, tmp_path):
+    s = settings(data, tmp_path / "D", model="D", init_from=str(net_a),
                  freeze_until="conv3_2")  # conv1_2 and conv2_2 of D are not net A's
     with pytest.raises(ValueError, match="would keep conv1_2, conv2_2 fixed, which --init-from "
                                          "did not copy"):
