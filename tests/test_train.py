@@ -147,7 +147,7 @@ def test_run_folder_contents_and_stage_chaining(data, tmp_path):
     assert "Training report: VGG A" in (tmp_path / "A" / "report.md").read_text()
 
     deeper = create_model("D", num_classes=3, width=1 / 16, crop_size=32, seed=5)
-    summary, meta = init_from(deeper, tmp_path / "A")
+    summary, meta, _, _ = init_from(deeper, tmp_path / "A")
     net_a = load_model(tmp_path / "A" / "best.pt").model
     for layer in ("conv1_1", "conv2_1", "conv3_1", "conv3_2"):
         assert torch.equal(getattr(deeper.features, layer).weight,

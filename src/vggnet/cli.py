@@ -81,6 +81,15 @@ COMMANDS: dict[str, Command | Group] = {
     "bench": Command(S + "BenchSettings", "vggnet.bench:bench_command",
                      "benchmark suite: our defaults against plain PyTorch, same run"),
 }
+# VGG as a backbone (issue 13)
+COMMANDS["finetune"] = Command(S + "FinetuneSettings", "vggnet.finetune:finetune_command",
+                               "fine-tune trained weights on your own folder of classes")
+COMMANDS["stylize"] = Command(S + "StylizeCommand", "vggnet.stylize:stylize_command",
+                              "neural style transfer (Gatys et al.) through a frozen VGG")
+COMMANDS["explain"] = Command(S + "ExplainSettings", "vggnet.explain:explain_command",
+                              "Grad-CAM and saliency maps of a classifier's decisions")
+COMMANDS["retrieve"] = Command(S + "RetrieveSettings", "vggnet.retrieval:retrieve_command",
+                               "rank database images by descriptor similarity to queries")
 
 
 # --- options from dataclass fields ---------------------------------------------------------------
@@ -93,16 +102,27 @@ def int_list(text: str) -> tuple[int, ...]:
                                          f"got {text!r}") from None
 
 
-def _value_type(hint):
+def name_list(text: str) -> tuple[str, ...]:
+    """Names the same way: "relu1_1,relu2_1" (or a single "relu4_2")."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names like relu1_1,relu2_1, "
+                                         f"got {text!r}")
+    return names
+
+
+def _value_type(hint, positional: bool = False):
     """How an option's text becomes the field's value: None for a bool (a flag), ``int_list``
-    for a tuple of ints, else the type itself (``int | None`` -> int, ``tuple[str, ...]``:
-    str, one per positional argument)."""
+    for a tuple of ints, ``name_list`` for a tuple of strings (str, one per argument, when
+    positional), else the type itself (``int | None`` -> int)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is bool:
         return None
     if typing.get_origin(hint) is tuple:
-        return int_list if typing.get_args(hint)[0] is int else str
+        if typing.get_args(hint)[0] is int:
+            return int_list
+        return str if positional else name_list
     return hint
 
 
@@ -113,7 +133,7 @@ def _shown(value) -> str:
 def _argument(parser, groups: dict, f: dataclasses.Field, hint, dest: str, flag: str,
               help: str) -> None:
     """One option (or positional argument) for field ``f``; not given: absent."""
-    m, parse = f.metadata, _value_type(hint)
+    m, parse = f.metadata, _value_type(hint, bool(f.metadata.get("positional")))
     if f.default not in (dataclasses.MISSING, None, "") and parse is not None:
         help += f" (default: {_shown(f.default)})"
     kw: dict = {"help": help or None, "default": argparse.SUPPRESS}

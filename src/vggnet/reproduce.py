@@ -395,6 +395,8 @@ class Study:
                 scale=train_scale(job.scale, self.crop),
                 init_from=str(self.net_folder(job.init_from)) if job.init_from else None,
                 lr=self.base.lr * job.lr_factor, batch_norm=self.preset.batch_norm or None,
+                # every copied layer at this lr (job.lr_factor is already the paper's lr/10)
+                transfer_lr_factor=1.0 if job.init_from else None,
                 scan=False, **runtime,
                 epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs)
             self.log(f"[{job.id}] training VGG {job.arch} at S={list(settings.scale)}"

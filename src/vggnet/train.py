@@ -58,6 +58,14 @@ from .runfolder import finished, hold_run_folder, repair_best, sigterm_stops
 from .runlog import RunLog, epoch_line
 from .runtime import Runtime, make_runtime
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
+from .transfer import (
+    FINE_TUNE_LR_FACTOR,
+    Transfer,
+    check_layer_name,
+    freeze,
+    frozen_layers,
+    param_groups,
+)
 from .transforms import ColorStats, EvalTransform, TrainTransform, compute_stats, device_batch
 from .weights import check_state_fits
 
@@ -202,7 +210,7 @@ def validate(model: nn.Module, batches: Iterable[Batch], runtime: Runtime,
 def prepare_data(s: TrainSettings, info: distributed.DistInfo,
                  say: Callable[[str], None] = print) -> tuple[Dataset, list[BadFile]]:
     """List the dataset (layout errors raise here), scan every file, refuse or skip bad ones."""
-    dataset = open_dataset(s.data, s.val_labels)
+    dataset = open_dataset(s.data, s.val_labels, s.val_split, s.split_seed)
     bad: list[BadFile] = []
     if s.scan:
         t = time.perf_counter()
@@ -241,9 +249,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def init_from(model: VGG, source: str | os.PathLike) -> tuple[str, dict]:
+class Initialised(NamedTuple):
+    """What ``init_from`` did: its summary, the source's metadata, the layers it copied, and
+    whether that was the paper's stage chaining (net A into a deeper net)."""
+
+    summary: str
+    meta: dict
+    copied: list[str]
+    chained: bool
+
+
+def init_from(model: VGG, source: str | os.PathLike, new_head: bool = False) -> Initialised:
     """Stage chaining: net A into a deeper net (the paper's layers), anything else by matching
-    layer names and shapes. Returns (summary, the source's metadata)."""
+    layer names and shapes (``new_head``: never fc8, the classifier starts afresh)."""
     from .weights import read_file
 
     path = resolve_checkpoint(source)
@@ -251,12 +269,43 @@ def init_from(model: VGG, source: str | os.PathLike) -> tuple[str, dict]:
     src = VGGConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
     if src is not None and src.arch in ("A", "A-LRN") and model.config.arch not in ("A", "A-LRN"):
         copied = init_from_net_a(model, state)
-        return f"initialised from net A {path}: {', '.join(copied)} (the rest random)", meta
+        return Initialised(f"initialised from net A {path}: {', '.join(copied)} (the rest "
+                           "random)", meta, copied, True)
+    if new_head:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.fc8.")}
     report = copy_matching_layers(model, state)
     if not report.copied:
         raise ValueError(f"nothing in {str(path)!r} fits this {model.config.name} net:\n"
                          f"{report.summary()}")
-    return f"initialised from {path}:\n{report.summary()}", meta
+    head = "\nfc8: a new classifier" if new_head else ""
+    return Initialised(f"initialised from {path}:\n{report.summary()}{head}", meta,
+                       report.copied, False)
+
+
+def start_from(s: TrainSettings, model: VGG, log: RunLog) -> tuple[Transfer, dict]:
+    """``--init-from``: copy the layers, then say at which lr they train and which stay fixed
+    (``transfer``); returns that and the source's metadata."""
+    done = init_from(model, s.init_from, s.new_head)
+    log.message(done.summary)
+    factor = s.transfer_lr_factor
+    if factor is None:  # the paper: lr/10 from a trained net, the full lr for net A's layers
+        factor = 1.0 if done.chained else FINE_TUNE_LR_FACTOR
+    transfer = Transfer(str(s.init_from), tuple(done.copied), factor,
+                        frozen_layers(model, s.freeze_until, tuple(done.copied)))
+    log.message(transfer.describe())
+    return transfer, done.meta
+
+
+def run_preprocessing(ckpt: dict | None, source_meta: dict, stats: ColorStats) -> Preprocessing:
+    """The input convention: a resumed run's own; the source's when starting from trained
+    weights (they keep the convention they learnt with: torchvision's RGB [0, 1] mean/std,
+    Caffe's BGR 0-255 minus the mean pixel, ours); else the paper's, the training set's mean
+    RGB subtracted."""
+    if ckpt is not None and ckpt.get("preprocessing"):
+        return Preprocessing.from_dict(ckpt["preprocessing"])
+    if source_meta.get("preprocessing"):
+        return Preprocessing.from_dict(source_meta["preprocessing"])
+    return paper(stats.mean_rgb)
 
 
 def default_loader_workers() -> int:
@@ -362,6 +411,12 @@ def check_run(s: TrainSettings, ckpt: dict | None) -> Checked:
     dataset, bad = prepare_data(s, info, say)
     if ckpt is not None:
         check_same_data(ckpt, dataset, s.data)
+    if ckpt is not None and ckpt.get("split"):
+        from .split import check_split_record
+
+        check_split_record(ckpt["split"], dataset.val.samples, dataset.root)
+    if ckpt is None and s.freeze_until:  # the name; what was copied is checked on copying
+        check_layer_name(config_for(s.model, batch_norm=s.batch_norm), s.freeze_until)
     micro, accum = distributed.split_batch(s.batch_size, info.world_size, s.micro_batch)
     if len(dataset.train) < s.batch_size:
         raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one "
@@ -376,13 +431,15 @@ class Run:
 
     settings: TrainSettings
     config: VGGConfig
-    stats: ColorStats  # mean RGB (subtracted) and colour PCA (the colour shift)
+    stats: ColorStats  # mean RGB and colour PCA (the colour shift)
     checked: Checked
     log: RunLog
+    prep: Preprocessing | None = None  # None: the paper's, ``stats``'s mean RGB subtracted
+    transfer: Transfer | None = None  # the layers taken from --init-from and how they train
 
     def __post_init__(self) -> None:
         s, c = self.settings, self.checked
-        self.prep = paper(self.stats.mean_rgb)
+        self.prep = self.prep or paper(self.stats.mean_rgb)
         self.folder = Path(s.out)
         self.runtime, self.info, self.dataset = c.runtime, c.info, c.dataset
         self.steps_per_epoch = len(c.dataset.train) // s.batch_size
@@ -398,7 +455,9 @@ class Run:
         return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(),
                 "preprocessing": self.prep.to_dict(), "class_names": self.dataset.class_names,
                 "images": {"train": len(self.dataset.train), "val": len(self.dataset.val)},
-                "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict()}
+                "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict(),
+                "transfer": self.transfer.to_dict() if self.transfer else None,
+                "split": self.dataset.split}
 
     def describe(self) -> str:
         s, c, rt = self.settings, self.checked, self.runtime
@@ -407,7 +466,8 @@ class Run:
                 f"{len(self.dataset.train):,} images of {len(self.dataset.class_names)} classes, "
                 f"{rt.device} {rt.amp_dtype or 'fp32'}; batch {s.batch_size} = "
                 f"{self.info.world_size} process(es) x {c.accum} x {c.micro}; "
-                f"{self.steps_per_epoch} steps/epoch; {self.workers} loader worker(s)")
+                f"{self.steps_per_epoch} steps/epoch; {self.workers} loader worker(s); input "
+                f"{self.prep.describe()}")
 
 
 @dataclass
@@ -449,11 +509,14 @@ class TrainState:
         """A fresh state around ``model`` (initialised): SGD with the recipe's settings."""
         s, rt = run.settings, run.runtime
         model.train()
+        if run.transfer is not None:  # before DDP and compile see which parameters train
+            freeze(model, run.transfer.frozen)
         if s.sync_bn and run.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = distributed.wrap_ddp(rt.prepare(model), run.info, rt.device, s.bucket_mb,
                                    s.grad_compression)
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+        optimizer = torch.optim.SGD(param_groups(model, run.transfer), lr=s.lr,
+                                    momentum=s.momentum,
                                     weight_decay=s.weight_decay, **rt.optimizer_options())
         schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops,
                                    s.min_improvement)
@@ -499,9 +562,9 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
     config = run_config(s, len(dataset.class_names))
     model = build(config, init=s.init, seed=s.seed)
     source_meta: dict = {}
+    transfer = Transfer.from_dict(ckpt["transfer"]) if ckpt and ckpt.get("transfer") else None
     if ckpt is None and s.init_from:
-        summary, source_meta = init_from(model, s.init_from)
-        log.message(summary)
+        transfer, source_meta = start_from(s, model, log)
     if ckpt is not None:
         stats = ColorStats.from_dict(ckpt["stats"])
     elif source_meta.get("stats"):
@@ -515,7 +578,10 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
         log.message(f"mean RGB {[round(v, 2) for v in stats.mean_rgb]}, colour PCA eigenvalues "
                     f"{[f'{v:.2e}' for v in stats.eigval]} from {stats.images} training images "
                     f"({time.perf_counter() - t:.1f} s)")
-    run = Run(s, config, stats, checked, log)
+    prep = run_preprocessing(ckpt, source_meta, stats)
+    if ckpt is None and source_meta.get("preprocessing"):
+        log.message(f"input as {s.init_from} was trained: {prep.describe()}")
+    run = Run(s, config, stats, checked, log, prep, transfer)
     if ckpt is not None:
         state = TrainState.from_checkpoint(ckpt, run, model)
         log.message(f"resuming {run.folder} at epoch {state.epoch + 1}, step "
@@ -524,6 +590,8 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
     state = TrainState.create(run, model)
     torch.manual_seed(s.seed)  # dropout masks
     log.write_text("settings.json", json.dumps(s.to_dict(), indent=1) + "\n")
+    if checked.dataset.split:
+        log.write_text("split.json", json.dumps(checked.dataset.split, indent=1) + "\n")
     if checked.bad:
         log.write_text("bad_files.txt", "".join(f"{b}\n" for b in checked.bad))
     return run, state
@@ -567,8 +635,8 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
     ``save_every_min``). True if a stop was requested: then ``last.pt`` holds the state after
     the last step."""
     s = run.settings
-    for group in state.optimizer.param_groups:
-        group["lr"] = state.schedule.lr
+    for group in state.optimizer.param_groups:  # copied layers may train at a fraction
+        group["lr"] = state.schedule.lr * group.get("lr_scale", 1.0)
     sampler = EpochSampler(len(run.train_images), s.batch_size, s.seed, state.epoch,
                            run.info.rank, run.info.world_size, start_step=state.epoch_step)
     batches = iter(make_loader(run.train_images, run.checked.micro, run.workers, sampler,
@@ -799,8 +867,8 @@ def training_report(r: TrainResult, run: Run) -> str:
         f"{s.weight_decay:g}, dropout {s.dropout}, batch {s.batch_size}, lr {s.lr:g} divided by "
         f"{1 / s.lr_factor:g} on validation plateaus (patience {s.lr_patience}, at most "
         f"{s.lr_drops} drops); S in [{s.scale[0]}, {s.scale[1]}], random crop, flip "
-        f"{'on' if s.flip else 'off'}, PCA colour shift std {s.pca_std}; mean RGB "
-        f"{[round(v, 1) for v in run.stats.mean_rgb]} subtracted",
+        f"{'on' if s.flip else 'off'}, PCA colour shift std {s.pca_std}; input "
+        f"{run.prep.describe()}" + (f"; {run.transfer.describe()}" if run.transfer else ""),
         f"- Run: {r.epochs} epoch(s), {r.status}, {drops} lr drop(s), {r.seconds / 60:.1f} min"
         + (f", {last['images_per_s']:.0f} training images/s in the last epoch" if last else ""),
         "",

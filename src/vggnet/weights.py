@@ -173,6 +173,18 @@ def read_file(path: str | os.PathLike, *,
     return state, meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """What a weights file or checkpoint says about itself (model config, preprocessing, class
+    names, ...), with its model config checked; a safetensors file's tensors are not read."""
+    path = Path(path)
+    if file_kind(path) != "safetensors":
+        return read_file(path)[1]
+    meta, shapes = _safetensors_header(path)
+    check_state_fits(file_config(meta, repr(str(path))), shapes, repr(str(path)))
+    meta.pop(integrity.KEY, None)
+    return meta
+
+
 def _safetensors_header(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(vggnet metadata, {tensor name: shape}) from the header alone: no tensor data is read."""
     from safetensors import SafetensorError, safe_open
