@@ -122,17 +122,19 @@ def _no_sync(model: nn.Module, last: bool):
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch],
              per_process_batch: int, runtime: Runtime, prep: Preprocessing, stats: ColorStats,
-             scaler: torch.amp.GradScaler | None = None,
-             poison: bool = False) -> tuple[torch.Tensor, bool]:
+             scaler: torch.amp.GradScaler | None = None, poison: bool = False,
+             loss_fn: Callable | None = None) -> tuple[torch.Tensor, bool]:
     """One SGD step on this process's share of a global batch, in micro-batches.
 
     Each micro-batch adds sum-of-losses / per_process_batch to the gradients, so the step
     equals one on the whole batch (DDP then averages the processes' equal shares). A
     non-finite loss or gradient on any process skips the step on every process (one agreed
     flag), leaving weights and optimizer state as they were. ``poison`` makes the loss NaN
-    (fault injection). Returns (float64 sums [loss, top-1 hits, top-5 hits, images] on the
-    device, skipped).
+    (fault injection). ``loss_fn(output, labels, targets)`` -> (summed loss, top-1 hits,
+    top-5 hits) (``Task.loss``; default: the paper's classification). Returns (float64 sums
+    [loss, top-1 hits, top-5 hits, images] on the device, skipped).
     """
+    loss_fn = loss_fn or classification_loss
     micro_batches = list(micro_batches)
     optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
@@ -140,16 +142,16 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
         images = runtime.input(batch.images)
         labels = batch.labels.to(runtime.device, non_blocking=True)
         alpha = batch.alpha.to(runtime.device, non_blocking=True)
+        targets = None if batch.targets is None else batch.targets.to(runtime.device)
         x = device_batch(images, prep, alpha=alpha, stats=stats)
         with _no_sync(model, i == len(micro_batches) - 1):
             with runtime.autocast():
-                logits = model(x)
-            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+                output = model(x)
+            loss_sum, top1, top5 = loss_fn(output, labels, targets)
             if poison:
                 loss_sum = loss_sum * float("nan")
             loss = loss_sum / per_process_batch
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        top1, top5 = count_correct(logits.detach(), labels)
         totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
     finite = torch.isfinite(totals[0])
     if scaler is None:  # with fp16 the grad scaler itself skips steps whose gradients overflow
@@ -165,6 +167,14 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     else:
         optimizer.step()
     return totals, False
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The multinomial logistic loss summed over (N, classes) logits, and the top-1/top-5
+    hits (``targets``: unused, a classification sample has only its label)."""
+    return (F.cross_entropy(logits.float(), labels, reduction="sum"),
+            *count_correct(logits.detach(), labels))
 
 
 @torch.no_grad()
@@ -362,6 +372,76 @@ def check_run(s: TrainSettings, ckpt: dict | None) -> Checked:
     return Checked(runtime, info, dataset, bad, micro, accum)
 
 
+# --- what a run learns ------------------------------------------------------------------------
+class Task:
+    """What a run learns: the paper's classification. ``train`` asks it for the model, the
+    samples, each step's loss and the validation error that drives the schedule; a subclass
+    changes any of them and keeps the loop, checkpoints, resume and run folder
+    (``vggnet.localize_train.BoxTask``: box regression, validated by localisation error)."""
+
+    name = "classification"  # checkpoints of other tasks record theirs under "task"
+    command = "vggnet train"  # what continues such a run (with --resume)
+
+    def resumed(self, ckpt: dict) -> Task:
+        """The task of the run ``ckpt`` continues: this one, if it is of this kind."""
+        found = ckpt.get("task", "classification")
+        if found != self.name:
+            raise ValueError(f"that run trains {found}, not {self.name}; continue it with "
+                             f"`{ckpt.get('resume_with', 'vggnet train')} --resume RUN`")
+        return self
+
+    def build(self, s: TrainSettings, class_names: list[str], ckpt: dict | None,
+              log: RunLog) -> tuple[VGG, dict]:
+        """The model (initialised, or from ``--init-from`` in a new run) and the metadata of
+        the file it came from ({} if none)."""
+        config = config_for(s.model, num_classes=len(class_names), batch_norm=s.batch_norm,
+                            width=s.width, crop_size=s.crop_size, dropout=s.dropout)
+        model = build(config, init=s.init, seed=s.seed)
+        if ckpt is None and s.init_from:
+            summary, source_meta = init_from(model, s.init_from)
+            log.message(summary)
+            return model, source_meta
+        return model, {}
+
+    def preprocessing(self, stats: ColorStats) -> Preprocessing:
+        """What the net's input pixels are: the paper's, minus the training set's mean RGB."""
+        return paper(stats.mean_rgb)
+
+    def images(self, run: Run) -> tuple:
+        """(training samples keyed by (epoch, index), this process's validation samples)."""
+        s, c = run.settings, run.checked
+        train = TrainImages(c.dataset.train.samples,
+                            TrainTransform(s.scale, s.crop_size, s.flip, s.pca_std), seed=s.seed)
+        val = [c.dataset.val.samples[i] for i in distributed.shard(len(c.dataset.val), c.info)]
+        return train, EvalImages(val, EvalTransform(default_test_scale(s.scale), s.crop_size))
+
+    def wrap(self, model: VGG) -> nn.Module:
+        """The module that runs the weights in training and validation."""
+        return model
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor,
+             targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(summed loss, top-1 hits, top-5 hits) of a micro-batch (see ``sgd_step``)."""
+        return classification_loss(output, labels, targets)
+
+    def validate(self, state: TrainState, run: Run) -> dict:
+        """"loss", "top1_err" (the schedule follows it), "top5_err", "images", "bad" and
+        optionally "extra" (more columns for the epoch's metrics row)."""
+        return validate(state.net, make_loader(run.val_images, 2 * run.checked.micro,
+                                               run.workers, pin_memory=run.pin),
+                        run.runtime, run.prep)
+
+    def epoch_line(self, row: dict, epochs: int) -> str:
+        return epoch_line(row, epochs)
+
+    def report(self, result: TrainResult, run: Run) -> str:
+        return training_report(result, run)
+
+    def constants(self) -> dict:
+        """What checkpoints record about the task beside the run's constants."""
+        return {}
+
+
 # --- the run and its state ---------------------------------------------------------------------
 @dataclass
 class Run:
@@ -372,25 +452,23 @@ class Run:
     stats: ColorStats  # mean RGB (subtracted) and colour PCA (the colour shift)
     checked: Checked
     log: RunLog
+    task: Task = field(default_factory=Task)
 
     def __post_init__(self) -> None:
         s, c = self.settings, self.checked
-        self.prep = paper(self.stats.mean_rgb)
+        self.prep = self.task.preprocessing(self.stats)
         self.folder = Path(s.out)
         self.runtime, self.info, self.dataset = c.runtime, c.info, c.dataset
-        self.steps_per_epoch = len(c.dataset.train) // s.batch_size
         self.workers = s.workers if s.workers is not None else default_loader_workers()
         self.pin = c.runtime.device.type == "cuda"
-        self.train_images = TrainImages(c.dataset.train.samples,
-                                        TrainTransform(s.scale, s.crop_size, s.flip, s.pca_std),
-                                        seed=s.seed)
-        val = [c.dataset.val.samples[i] for i in distributed.shard(len(c.dataset.val), c.info)]
-        self.val_images = EvalImages(val, EvalTransform(default_test_scale(s.scale), s.crop_size))
+        self.train_images, self.val_images = self.task.images(self)
+        self.steps_per_epoch = len(self.train_images) // s.batch_size
 
     def constants(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(),
                 "preprocessing": self.prep.to_dict(), "class_names": self.dataset.class_names,
-                "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict()}
+                "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict(),
+                **self.task.constants()}
 
     def describe(self) -> str:
         s, c, rt = self.settings, self.checked, self.runtime
@@ -411,6 +489,7 @@ class EpochProgress:
     seconds: float = 0.0
     bad: list[str] = field(default_factory=list)  # files that failed to decode
     skipped: int = 0  # non-finite steps skipped
+    redrawn: int = 0  # random crops drawn again (a localisation crop that lost its box)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -443,8 +522,8 @@ class TrainState:
         model.train()
         if s.sync_bn and run.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = distributed.wrap_ddp(rt.prepare(model), run.info, rt.device, s.bucket_mb,
-                                   s.grad_compression)
+        net = distributed.wrap_ddp(rt.prepare(run.task.wrap(model)), run.info, rt.device,
+                                   s.bucket_mb, s.grad_compression)
         optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                                     weight_decay=s.weight_decay, **rt.optimizer_options())
         schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops,
@@ -483,18 +562,12 @@ class TrainState:
                 "best_top5_err": self.best_top5_err}
 
 
-def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
-              log: RunLog) -> tuple[Run, TrainState]:
-    """The model (initialised, or from ``--init-from``), the colour statistics (the
-    checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
-    dataset, info = checked.dataset, checked.info
-    config = config_for(s.model, num_classes=len(dataset.class_names), batch_norm=s.batch_norm,
-                        width=s.width, crop_size=s.crop_size, dropout=s.dropout)
-    model = build(config, init=s.init, seed=s.seed)
-    source_meta: dict = {}
-    if ckpt is None and s.init_from:
-        summary, source_meta = init_from(model, s.init_from)
-        log.message(summary)
+def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked, log: RunLog,
+              task: Task | None = None) -> tuple[Run, TrainState]:
+    """The model (``task.build``: initialised, or from ``--init-from``), the colour statistics
+    (the checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
+    dataset, info, task = checked.dataset, checked.info, task or Task()
+    model, source_meta = task.build(s, dataset.class_names, ckpt, log)
     if ckpt is not None:
         stats = ColorStats.from_dict(ckpt["stats"])
     elif source_meta.get("stats"):
@@ -508,7 +581,7 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
         log.message(f"mean RGB {[round(v, 2) for v in stats.mean_rgb]}, colour PCA eigenvalues "
                     f"{[f'{v:.2e}' for v in stats.eigval]} from {stats.images} training images "
                     f"({time.perf_counter() - t:.1f} s)")
-    run = Run(s, config, stats, checked, log)
+    run = Run(s, model.config, stats, checked, log, task)
     if ckpt is not None:
         state = TrainState.from_checkpoint(ckpt, run, model)
         log.message(f"resuming {run.folder} at epoch {state.epoch + 1}, step "
@@ -531,7 +604,8 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
     micro_batches = [next(batches) for _ in range(run.checked.accum)]
     totals, skipped = sgd_step(state.net, state.optimizer, micro_batches,
                                run.checked.micro * run.checked.accum, run.runtime, run.prep,
-                               run.stats, state.scaler, poison=fault == "nan")
+                               run.stats, state.scaler, poison=fault == "nan",
+                               loss_fn=run.task.loss)
     totals = distributed.all_reduce_sum(totals).tolist()
     state.skips = state.skips + 1 if skipped else 0
     if skipped:
@@ -549,6 +623,7 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
     p = state.progress
     p.totals = [a + b for a, b in zip(p.totals, totals, strict=True)]
     p.bad += [b for mb in micro_batches for b in mb.bad]
+    p.redrawn += sum(mb.redrawn for mb in micro_batches)
     state.epoch_step += 1
     state.step += 1
     return int(totals[3])
@@ -592,15 +667,14 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
         run.log.save("last.pt", state.to_checkpoint(run))
         run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
                         f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
-                        f"vggnet train --resume {run.folder}")
+                        f"{run.task.command} --resume {run.folder}")
     return stopped
 
 
 def end_of_epoch(state: TrainState, run: Run) -> str:
     """Validate, step the schedule, record the epoch, save last.pt (and best.pt when the
     validation error improved). Returns the schedule's event ("stop" ends the run)."""
-    val = validate(state.net, make_loader(run.val_images, 2 * run.checked.micro, run.workers,
-                                          pin_memory=run.pin), run.runtime, run.prep)
+    val = run.task.validate(state, run)
     p = state.progress
     loss_sum, top1, _, n = p.totals
     lr = state.schedule.lr
@@ -611,7 +685,8 @@ def end_of_epoch(state: TrainState, run: Run) -> str:
            "train_top1_err": 1 - top1 / n if n else math.nan, "val_loss": val["loss"],
            "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
            "images_per_s": n / max(p.seconds, 1e-9), "epoch_s": p.seconds,
-           "bad_files": len(bad), "skipped_steps": p.skipped, "event": event}
+           "bad_files": len(bad), "skipped_steps": p.skipped, "event": event,
+           **val.get("extra", {})}
     state.history.append(row)
     state.epoch, state.epoch_step, state.progress = state.epoch + 1, 0, EpochProgress()
     if event == "improved":
@@ -621,7 +696,7 @@ def end_of_epoch(state: TrainState, run: Run) -> str:
     if event == "improved":
         run.log.save("best.pt", ckpt)
     run.log.epoch(row)
-    run.log.message(epoch_line(row, run.settings.epochs) + (
+    run.log.message(run.task.epoch_line(row, run.settings.epochs) + (
         f"\n  decode failures this epoch (skipped):\n{format_bad(bad, 10)}" if bad else ""))
     if event == "stop":
         run.log.message(f"validation error stopped improving after {state.schedule.drops} lr "
@@ -641,22 +716,25 @@ class TrainResult:
 
 
 def train(settings: TrainSettings | None = None, resume: str | os.PathLike | None = None,
-          on_step: Callable[[int], None] | None = None, **overrides) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, task: Task | None = None,
+          **overrides) -> TrainResult:
     """Train (or, with ``resume`` = a run folder or its last.pt, continue a run exactly).
 
     ``overrides`` (``settings.RESUMABLE``: workers, progress, device, precision, ...) may
     change how a resumed run executes, never what it computes up to where it was going;
-    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step.
+    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step. ``task``:
+    what the run learns (default: classification; a resumed run's must be of its kind).
     """
     t_start = time.perf_counter()
     s, ckpt = settings_and_checkpoint(settings, resume, overrides)
+    task = (task or Task()).resumed(ckpt) if ckpt else task
     checked = check_run(s, ckpt)
     log = RunLog(Path(s.out), enabled=checked.info.is_main,
                  history=list(ckpt["metrics"]) if ckpt else [])
     status = "finished"
     with distributed.leave_group_after():
         try:
-            run, state = start_run(s, ckpt, checked, log)
+            run, state = start_run(s, ckpt, checked, log, task)
             log.message(run.describe())
             log.saved_at = time.perf_counter()
             with StopRequest() as stop:
@@ -671,7 +749,7 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
             if status != "interrupted":
                 log.plots(state.history)
-                log.write_text("report.md", training_report(result, run))
+                log.write_text("report.md", run.task.report(result, run))
         finally:
             log.close()
     return result
