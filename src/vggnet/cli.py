@@ -64,7 +64,7 @@ COMMANDS: dict[str, Command | Group] = {
                      "train a VGG net with the paper's recipe"),
     "evaluate": Command(S + "EvaluateCommand", "vggnet.evaluate:evaluate_command",
                         "top-1/top-5 error with the paper's test protocol"),
-    "reproduce": Command(S + "StudySettings", "vggnet.reproduce:reproduce_command",
+    "reproduce": Command(S + "StudySettings", "vggnet.studies:reproduce_command",
                          "the paper's study: train, evaluate, Tables 3-6 and findings"),
     "convert": Command(S + "ConvertSettings", "vggnet.convert:convert_command",
                        "import torchvision, Keras or Caffe VGG weights"),

@@ -37,7 +37,7 @@ from .localize_report import results_table
 from .localize_train import box_file, load_classifier
 from .model import VGG
 from .progress import progress_bar
-from .protocol import default_test_scale
+from .protocol import default_test_scales
 from .runtime import Runtime, make_runtime
 from .settings import LocalizeEvaluateCommand
 from .train import resolve_checkpoint
@@ -55,10 +55,10 @@ class Member:
 
     @property
     def scale(self) -> int:
-        """Its training scale S: the paper tests each net at Q = S by default."""
-        settings = self.loaded.meta.get("train_settings") or {}
-        crop = self.localizer.net.config.crop_size
-        return default_test_scale(settings.get("scale") or (crop, crop))
+        """Its training scale S: the paper tests each net at Q = S by default (a file without
+        training settings: 256/224 of its crop)."""
+        return default_test_scales(self.loaded.meta.get("train_settings"),
+                                   self.localizer.net.config.crop_size)[0]
 
 
 def load_member(path: str, classifier: str | None = None, device: torch.device | str = "cpu",
@@ -108,16 +108,22 @@ def protocol1_rows(members: Sequence[Member], samples: Sequence[BoxedSample],
                    batch_size: int = 32) -> dict[str, dict]:
     """Table 8's test for every net at each of ``scales`` (default: its training S)."""
     rows = {}
-    for m in members:
+    for name, m in zip(row_names(members), members, strict=True):
         for q in scales or [m.scale]:
             t = time.perf_counter()
             with runtime.autocast():
                 r = protocol1_error(m.localizer, samples, class_names, q,
                                     m.loaded.preprocessing, batch_size)
-            rows[m.name if not scales or len(scales) == 1 else f"{m.name} @ {q}"] = {
+            rows[name if not scales or len(scales) == 1 else f"{name} @ {q}"] = {
                 "error": r.error, "images": len(r.correct), "scales": [q],
                 "seconds": time.perf_counter() - t}
     return rows
+
+
+def row_names(members: Sequence[Member]) -> list[str]:
+    """Each net's name in the tables: as given, numbered where two are given alike."""
+    names = [m.name for m in members]
+    return [n if names.count(n) == 1 else f"{n} (#{i + 1})" for i, n in enumerate(names)]
 
 
 Unit = tuple[int, int]  # (member index, Q)
@@ -150,13 +156,15 @@ def protocol2_rows(members: Sequence[Member], rows: Mapping[str, Sequence[Unit]]
                 correct[name].append(top5_correct(guesses, s.label, truth))
                 seconds[name] += time.perf_counter() - t
             bar.update(1)
-    return {name: {"error": 100 * (1 - sum(c) / len(c)) if c else float("nan"),
-                   "images": len(c), "skipped": skipped,
-                   "scales": [[q for mi, q in parts if mi == i] for i in
-                              sorted({mi for mi, _ in parts})],
-                   "members": sorted({members[mi].name for mi, _ in parts}),
-                   "seconds": seconds[name] + sum(seconds[u] for u in parts)}
-            for name, c in correct.items()}
+    out = {}
+    for name, parts in rows.items():
+        c, nets = correct[name], sorted({mi for mi, _ in parts})
+        out[name] = {"error": 100 * (1 - sum(c) / len(c)) if c else float("nan"),
+                     "images": len(c), "skipped": skipped,
+                     "scales": [[q for mi, q in parts if mi == i] for i in nets],
+                     "members": [members[i].name for i in nets],
+                     "seconds": seconds[name] + sum(seconds[u] for u in parts)}
+    return out
 
 
 def _unit(members: Sequence[Member], unit: Unit, path: str, flip: bool, runtime: Runtime,
@@ -175,9 +183,8 @@ def default_rows(members: Sequence[Member], scales: Sequence[int] | None
                  ) -> dict[str, list[Unit]]:
     """Each net alone at ``scales`` (default: its training S), then, for several, their
     fusion: the union of all of them."""
-    names = [m.name for m in members]
-    rows = {(m.name if names.count(m.name) == 1 else f"{m.name} (#{i + 1})"):
-            [(i, q) for q in scales or [m.scale]] for i, m in enumerate(members)}
+    rows = {name: [(i, q) for q in scales or [m.scale]]
+            for i, (name, m) in enumerate(zip(row_names(members), members, strict=True))}
     if len(members) > 1:
         rows[f"fusion of the {len(members)} nets"] = [u for r in rows.values() for u in r]
     return rows

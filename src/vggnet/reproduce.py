@@ -526,11 +526,8 @@ class Study:
 
 
 def reproduce_command(s: StudySettings) -> int:
-    """``vggnet reproduce``: run (or resume) the study, print the findings' verdicts."""
-    if s.study == "localisation":
-        from .reproduce_localisation import localisation_study_command
-
-        return localisation_study_command(s)
+    """``vggnet reproduce`` (Tables 3-6): run (or resume) the study, print the findings'
+    verdicts."""
     report = Study(s).run()
     for f in findings(load_cells(s.out)):
         print(f"{f.verdict:>16}: {f.claim}")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .protocol import for_crop
+from .protocol import LOCALISATION_PRESETS, for_crop
 from .reproduce import NetJob, Study, _file, _write_json, load_cells
 from .settings import StudySettings
 
@@ -163,7 +164,6 @@ class LocalisationStudy(Study):
 
     # --- the whole thing ---
     def _run(self) -> Path:
-        from .localize_report import localisation_study_report
         from .runtime import make_runtime
 
         t0, load0 = time.perf_counter(), os.getloadavg()
@@ -260,3 +260,94 @@ def localisation_study_command(s: StudySettings) -> int:
         print(f"{judge(cells, f, level)[1]:>20}: {f.claim}")
     print(f"wrote {report}")
     return 0
+
+
+# --- the localisation study's report --------------------------------------------------------------
+def _cell(cells: Mapping, cid: str) -> tuple[str, str]:
+    """(this run's error in bold, its standard error) or ("not run", "")."""
+    c = cells.get(cid)
+    if c is None:
+        return "not run", ""
+    return f"**{c['error']:.1f}**", f"{standard_error(c['error'], c['images']):.1f}"
+
+
+def _paper(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def study_tables(cells: Mapping, q) -> list[str]:
+    """Tables 8 and 9 with this run's numbers beside the paper's; ``q``: paper pixels -> here."""
+    out = ["### Table 8: localisation error, protocol 1 (central crop, true class), S="
+           f"{_here('256', str(q(256)))}, Q=S", "",
+           "| fine-tuned layers | regression | error (%) | s.e. | paper |", "|---|---|---|---|---|"]
+    for job, paper in PAPER8.items():
+        reg, layers = job.split("@")[0].split("-")
+        here, se = _cell(cells, f"{job}/p1")
+        out.append(f"| {'1st and 2nd FC' if layers == 'fc' else 'all'} | {reg} | {here} | {se} "
+                   f"| {_paper(paper)} |")
+    out += ["", "### Table 9: top-5 localisation error, protocol 2 (dense, the classifier's "
+            "top 5; PCR, all layers fine-tuned)", "",
+            "| train S | test Q | error (%) | s.e. | paper |", "|---|---|---|---|---|"]
+    for cid, (train_s, test_q, units, paper) in TABLE9.items():
+        here, se = _cell(cells, f"{cid}/p2")
+        shown_s = ", ".join(_here(s, str(q(int(s)))) for s in train_s.split(", "))
+        nets = dict.fromkeys(n for n, _ in units)  # in order: "73 / 101,110" for the fusion
+        shown_q = " / ".join(",".join(str(q(pq)) for m, pq in units if m == n) for n in nets)
+        label = " (2nd seed)" if "#seed" in cid else " (fusion)" if cid == "fusion" else ""
+        out.append(f"| {shown_s}{label} | {_here(test_q, shown_q)} | {here} | {se} | "
+                   f"{_paper(paper)} |")
+    return out
+
+
+def _here(paper: str, here: str) -> str:
+    """The paper's scales, with this run's beside them where a reduced preset changes them."""
+    return paper if paper == here else f"{paper} (here {here})"
+
+
+def localisation_study_report(cells: Mapping, study, trained: Sequence[Mapping],
+                              localizers: Sequence[Mapping], timing: Mapping) -> str:
+    """OUT/localisation/report.md."""
+    p, d = study.preset, study.dataset
+    rec = LOCALISATION_PRESETS[p.train_preset]
+    lr_note = ("" if rec["lr"] == 1e-3 else " (the paper: 1e-3, which barely moves boxes "
+               "encoded in [0, 1] within a few epochs; docs/localisation.md)")
+    level = noise(cells)
+    lines = [
+        "# Reproducing Simonyan & Zisserman (ICLR 2015), Appendix A: localisation (Tables 8-9)",
+        "", f"- Study preset `{study.s.preset}`: classifiers VGG D"
+        f"{' with batch norm' if p.batch_norm else ''}, width {study.base.width:g}, crop "
+        f"{study.crop}, S=256 from scratch ({p.epochs or study.base.epochs} epochs), S=384 from "
+        f"it at lr/10 ({p.finetune_epochs or study.base.epochs} epochs); localisation nets: "
+        f"lr {rec['lr']:g}{lr_note}, batch {study.s.batch_size or rec['batch_size']}, "
+        f"{p.localizer_epochs or rec['epochs']} epochs, fixed S, validated by protocol 1; "
+        "evaluated from last.pt",
+        f"- Data: `{study.data}`: {len(d.train):,} training and {len(d.val):,} validation images,"
+        f" {len(d.class_names)} classes",
+        f"- Measured: {timing['date']}, this invocation {timing['invocation_s'] / 60:.1f} min "
+        f"(training {timing['training_s'] / 60:.1f} min, evaluation "
+        f"{timing['evaluation_s'] / 60:.1f} min); {timing['cpu_cores']} CPU cores, "
+        f"{timing['threads']} torch thread(s); load average {timing['load_average_start'][0]:.1f}"
+        f" at the start, {timing['load_average_end'][0]:.1f} at the end (a shared machine)",
+        "", "Errors in %: **this run's** beside the paper's (ILSVRC-2012 validation set); "
+        "s.e.: one binomial standard error of this run's number.", "",
+        *study_tables(cells, study.q), "", "## Noise", ""]
+    for key, text in (("seed_difference_p1", "protocol 1, PCR all layers S=256"),
+                      ("seed_difference_p2", "protocol 2, S=256 Q=256")):
+        if key in level:
+            lines.append(f"- Two seeds of the same net differ by {level[key]:.1f} points ({text}).")
+    lines += [f"- Two errors near 50% over these images differ by {level['se_difference']:.1f} "
+              "points (one standard error of a difference) by chance alone.", "",
+              "## Findings", "", "Judged in the paper's direction (lower error); a difference "
+              f"under {max(level.values(), default=0):.1f} points (the larger noise measure) is "
+              "marked within noise.", "", "| finding | paper | this run | reproduced |",
+              "|---|---|---|---|"]
+    for f in FINDINGS:
+        ours, verdict = judge(cells, f, max(level.values(), default=0.0))
+        lines.append(f"| {f.claim} | {f.paper} | {ours or '-'} | {verdict} |")
+    lines += ["", "## Training runs", "", "| net | epochs | status | minutes | best val. error |",
+              "|---|---|---|---|---|"]
+    lines += [f"| classifier {t['net']} | {t['epochs']} | {t['status']} | "
+              f"{t['seconds'] / 60:.1f} | top-1 {t['best_top1_err']:.1f}% |" for t in trained]
+    lines += [f"| localiser {t['net']} | {t['epochs']} | {t['status']} | {t['seconds'] / 60:.1f}"
+              f" | protocol 1 {t['best_error']:.1f}% |" for t in localizers]
+    return "\n".join(lines) + "\n"
