@@ -47,7 +47,8 @@ def predict_boxes(member: Member, path: str | os.PathLike, scales: Sequence[int]
 
 def draw_guesses(path: str | os.PathLike, guesses: Sequence[BoxGuess], out: Path) -> Path:
     """The image with each guess's box and "rank. class probability" drawn on it, as a PNG;
-    an image whose shorter side is under ``MIN_DRAWN_SIDE`` is enlarged first."""
+    an image whose shorter side is under ``MIN_DRAWN_SIDE`` is enlarged first. Labels that
+    would cover each other (equal boxes: single-class regression) are stacked."""
     from PIL import ImageDraw, ImageFont
 
     image = load_rgb(path)
@@ -57,19 +58,32 @@ def draw_guesses(path: str | os.PathLike, guesses: Sequence[BoxGuess], out: Path
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(12, min(image.size) // 28))
     width = max(2, min(image.size) // 160)
-    for rank, g in reversed(list(enumerate(guesses, 1))):  # the best one drawn last, on top
-        colour = COLOURS[(rank - 1) % len(COLOURS)]
-        x1, y1, x2, y2 = (v * k for v in g.box)
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        text = f"{rank}. {g.name} {g.probability:.0%}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tx = min(max(0.0, x1), image.width - (right - left) - 2)
-        ty = max(0.0, y1 - (bottom - top) - 4) if y1 > bottom - top + 4 else max(0.0, y1) + 2
-        draw.rectangle((tx, ty, tx + right - left + 4, ty + bottom + 2), fill=colour)
-        draw.text((tx + 2, ty), text, fill=(255, 255, 255), font=font)
+    texts = [f"{rank}. {g.name} {g.probability:.0%}" for rank, g in enumerate(guesses, 1)]
+    labels = _place_labels([tuple(v * k for v in g.box) for g in guesses],
+                           [draw.textbbox((0, 0), t, font=font) for t in texts], image.size)
+    for i in reversed(range(len(guesses))):  # the best one drawn last, on top
+        colour = COLOURS[i % len(COLOURS)]
+        draw.rectangle(tuple(v * k for v in guesses[i].box), outline=colour, width=width)
+        draw.rectangle(labels[i], fill=colour)
+        draw.text((labels[i][0] + 2, labels[i][1]), texts[i], fill=(255, 255, 255), font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
     return out
+
+
+def _place_labels(boxes, extents, size) -> list[tuple[float, float, float, float]]:
+    """A label rectangle per box, best first: above the box's top-left corner (inside the
+    image), moved down past the labels placed before it that it would cover."""
+    placed: list[tuple[float, float, float, float]] = []
+    for (x1, y1, _, _), (left, _, right, bottom) in zip(boxes, extents, strict=True):
+        w, h = right - left + 4, bottom + 2
+        x = min(max(0.0, x1), size[0] - w)
+        y = y1 - h if y1 - h >= 0 else max(0.0, y1)
+        while any(x < px2 and px1 < x + w and y < py2 and py1 < y + h
+                  for px1, py1, px2, py2 in placed):
+            y += h
+        placed.append((x, y, x + w, y + h))
+    return placed
 
 
 def output_name(out: Path, path: Path, taken: set[Path]) -> Path:
