@@ -28,6 +28,15 @@ TINY_LOC = ["--preset", "reduced", "--batch-size", "8", "--epochs", "1", "--work
             "--no-progress"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These nets are tiny: a second thread only waits for a busy core (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- the sampler --------------------------------------------------------------------------------
 def _rectangle_image(path, size=(120, 90), box=(70, 20, 105, 60)):
     """Grey with one pure red rectangle (x1, y1, x2, y2: pixel columns x1..x2-1)."""
