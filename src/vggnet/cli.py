@@ -66,7 +66,7 @@ COMMANDS: dict[str, Command | Group] = {
                      "train a VGG net with the paper's recipe"),
     "evaluate": Command(S + "EvaluateCommand", "vggnet.evaluate:evaluate_command",
                         "top-1/top-5 error with the paper's test protocol"),
-    "reproduce": Command(S + "StudySettings", "vggnet.reproduce:reproduce_command",
+    "reproduce": Command(S + "StudySettings", "vggnet.studies:reproduce_command",
                          "the paper's study: train, evaluate, Tables 3-6 and findings"),
     "convert": Command(S + "ConvertSettings", "vggnet.convert:convert_command",
                        "import torchvision, Keras or Caffe VGG weights"),
@@ -80,6 +80,18 @@ COMMANDS: dict[str, Command | Group] = {
                       "ONNX or TorchScript graph, checked against PyTorch"),
     "bench": Command(S + "BenchSettings", "vggnet.bench:bench_command",
                      "benchmark suite: our defaults against plain PyTorch, same run"),
+    "localize": Group("localisation (Appendix A): box regression, test protocols 1 and 2",
+                      "Localisation nets made from trained classifiers (the paper's Appendix "
+                      "A), their test protocols and their boxes drawn on images.", {
+                          "train": Command(S + "LocalizeTrainCommand",
+                                           "vggnet.localize_train:localize_train_command",
+                                           "fine-tune a classifier into a box regressor"),
+                          "evaluate": Command(S + "LocalizeEvaluateCommand",
+                                              "vggnet.localize_eval:localize_evaluate_command",
+                                              "localisation error, protocol 1 or 2, fusion"),
+                          "predict": Command(S + "LocalizePredictCommand",
+                                             "vggnet.localize_predict:localize_predict_command",
+                                             "top-5 (class, box) guesses drawn on images")}),
 }
 # VGG as a backbone (issue 13)
 COMMANDS["finetune"] = Command(S + "FinetuneSettings", "vggnet.finetune:finetune_command",
@@ -169,7 +181,7 @@ def add_options(parser: argparse.ArgumentParser, cls, groups: dict | None = None
         if "nested" in m:
             add_options(parser, resolve(m["nested"]), groups, f"{f.name}.", m)
             continue
-        flag = meta.get("rename", {}).get(f.name, f.name)
+        flag = m.get("flag") or meta.get("rename", {}).get(f.name, f.name)
         help = m.get("help") or meta.get("help_of", {}).get(f.name, "")
         _argument(parser, groups, f, hints[f.name], prefix + f.name, flag, help)
 

@@ -358,7 +358,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, model: str | None =
     check_writable_output(out, "converted weights", (".safetensors",))
     loaded = import_weights(path, model=model, sha256=sha256, prototxt=prototxt)
     save_weights(out, loaded.model, loaded.preprocessing, loaded.class_names,
-                 loaded.meta.get("provenance"))
+                 loaded.meta.get("provenance"), loaded.meta.get("localisation"))
     return loaded
 
 

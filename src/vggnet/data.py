@@ -420,17 +420,29 @@ class Batch:
     labels: torch.Tensor  # (N,) int64; -1 marks an evaluation image that failed to decode
     alpha: torch.Tensor | None  # (N, 3) float32 colour-shift coefficients (training)
     bad: list[str]  # "path: reason" of files that failed to decode in this batch
+    # what a sample is regressed to beside its label: (N, 4) float32 encoded boxes of the
+    # localisation runs (``vggnet.localize_train``); None for classification
+    targets: torch.Tensor | None = None
+    redrawn: int = 0  # random crops drawn again because they lost their object's box
 
     def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(),
-                     None if self.alpha is None else self.alpha.pin_memory(), self.bad)
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), pin(self.alpha),
+                     self.bad, pin(self.targets), self.redrawn)
 
 
 def collate(items) -> Batch:
+    """Samples (image, label, alpha, bad) or (image, label, alpha, bad, target, redrawn)."""
     images = torch.from_numpy(np.stack([it[0] for it in items]))  # (N, H, W, 3)
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
     alpha = None if items[0][2] is None else torch.from_numpy(np.stack([it[2] for it in items]))
-    return Batch(images.permute(0, 3, 1, 2), labels, alpha, [b for it in items for b in it[3]])
+    batch = Batch(images.permute(0, 3, 1, 2), labels, alpha, [b for it in items for b in it[3]])
+    if len(items[0]) > 4:
+        batch.targets = torch.from_numpy(np.stack([it[4] for it in items]))
+        batch.redrawn = sum(it[5] for it in items)
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -473,11 +485,12 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, pin_memory: bool = False,
-                prefetch: int = 4) -> torch.utils.data.DataLoader:
+                prefetch: int = 4, collate_fn=collate) -> torch.utils.data.DataLoader:
     """Batches of uint8 images from ``workers`` processes (0: in this process)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-        pin_memory=pin_memory, drop_last=False, worker_init_fn=_worker_init if workers else None,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate_fn, pin_memory=pin_memory, drop_last=False,
+        worker_init_fn=_worker_init if workers else None,
         prefetch_factor=prefetch if workers else None, persistent_workers=False,
         # its own generator, so that creating an iterator never draws from the global RNG
         # (which drives dropout and must replay exactly on resume)

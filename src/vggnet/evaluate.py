@@ -35,7 +35,7 @@ from .protocol import default_test_scales
 from .runtime import Runtime, make_runtime
 from .settings import EvalSettings, EvaluateCommand
 from .transforms import crop_resized
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, load_model, require_classifier
 
 
 def crop_grid(height: int, width: int, crop: int, n: int) -> list[tuple[int, int]]:
@@ -385,7 +385,8 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
     if not names:
         raise ValueError("no checkpoint given; pass at least one checkpoint or weights file")
     rt = make_runtime(device, precision)
-    models = list(models) if models is not None else [load_model(c) for c in checkpoints]
+    models = (list(models) if models is not None
+              else [require_classifier(load_model(c), c) for c in checkpoints])
     shared = check_ensemble(models, names)
     mapping = align_classes(shared, models[0].model.config.num_classes, class_names, names[0])
     out_names = shared or list(class_names)

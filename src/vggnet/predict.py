@@ -28,7 +28,7 @@ from .protocol import centre_crop_resize
 from .runtime import Runtime, make_runtime
 from .settings import PredictSettings
 from .transforms import EvalTransform, chw
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, load_model, require_classifier
 
 
 @dataclass
@@ -141,7 +141,7 @@ def predict_command(s: PredictSettings) -> int:
     read is reported on stderr and the exit code is 1."""
     from .imagenet import describe
 
-    loaded = load_model(s.weights)
+    loaded = require_classifier(load_model(s.weights), s.weights)
     calibration = list_images([s.int8]) if s.int8 else None
     failed = 0
     for pred in predict(loaded, s.images, top=s.top, dense=s.dense, scales=s.scales,

@@ -351,6 +351,7 @@ class Study:
                                   batch_size=self.preset.batch_size)
         self.crop = self.base.crop_size
         self.data = settings.data
+        self.data_dir = self.out / "data"  # the built-in dataset, when no --data
 
     # --- data ---
     def prepare_data(self) -> None:
@@ -362,7 +363,7 @@ class Study:
         if self.data is None:
             spec = SyntheticSpec(train_per_class=self.preset.train_per_class,
                                  val_per_class=self.preset.val_per_class)
-            self.data = str(self.out / "data")
+            self.data = str(self.data_dir)
             if make_synthetic(self.data, spec):
                 self.log(f"wrote the built-in dataset to {self.data}")
         report = check_dataset(open_dataset(self.data))
@@ -527,7 +528,8 @@ class Study:
 
 
 def reproduce_command(s: StudySettings) -> int:
-    """``vggnet reproduce``: run (or resume) the study, print the findings' verdicts."""
+    """``vggnet reproduce`` (Tables 3-6): run (or resume) the study, print the findings'
+    verdicts."""
     report = Study(s).run()
     for f in findings(load_cells(s.out)):
         print(f"{f.verdict:>16}: {f.claim}")

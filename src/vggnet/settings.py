@@ -16,7 +16,16 @@ import os
 from dataclasses import dataclass
 
 from .fields import known_fields, nested, option
-from .protocol import INIT_SCHEMES, METHODS, PASSES, PRESETS
+from .protocol import (
+    FINETUNE,
+    INIT_SCHEMES,
+    LOCALISATION_PRESETS,
+    LOCALISATION_PROTOCOLS,
+    METHODS,
+    PASSES,
+    PRESETS,
+    REGRESSIONS,
+)
 
 # the choices of the settings below, each defined here once
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -413,6 +422,7 @@ class StudyPreset:
     val_per_class: int = 0
     eval_batch: int = 32  # crop-sized inputs per forward pass
     threads: int | None = None  # torch CPU threads; None: torch's default
+    localizer_epochs: int | None = None  # localisation nets; None: LOCALISATION_PRESETS'
 
 
 STUDY_PRESETS = {
@@ -429,6 +439,7 @@ STUDY_PRESETS = {
     "reduced": StudyPreset("reduced", epochs=16, finetune_epochs=6, batch_norm=True, batch_size=64,
                            train_per_class=400, val_per_class=80, threads=1),
 }
+STUDIES = ("classification", "localisation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -445,6 +456,8 @@ class StudySettings:
     out: str = option("reproduce", "study folder")
     epochs: int | None = option(None, "epochs of each S=256 stage (default: the preset's)")
     finetune_epochs: int | None = option(None, "epochs of each S=384 and jittered stage")
+    localizer_epochs: int | None = option(None, "localisation study: epochs of each "
+                                          "localisation net")
     train_per_class: int | None = option(None, "built-in dataset: training images per class")
     val_per_class: int | None = option(None, "built-in dataset: validation images per class")
     width: float | None = option(None, "width multiplier of every net")
@@ -455,8 +468,13 @@ class StudySettings:
     precision: str = precision_option()
     workers: int | None = option(None, "training loader processes")
     progress: bool = progress_option()
+    study: str = option("classification", "classification: Tables 3-6; localisation: Tables 8-9 "
+                        "(Appendix A: box regression from the D classifiers at S=256 and S=384)",
+                        choices=STUDIES)
 
     def __post_init__(self) -> None:
+        if self.study not in STUDIES:
+            raise ValueError(f"unknown study {self.study!r}; choose one of {', '.join(STUDIES)}")
         if self.preset not in STUDY_PRESETS:
             raise ValueError(f"unknown study preset {self.preset!r}; choose one of "
                              f"{sorted(STUDY_PRESETS)}")
@@ -466,9 +484,11 @@ class StudySettings:
 
     def resolved(self) -> StudyPreset:
         over = {k: getattr(self, k) for k in ("epochs", "finetune_epochs", "batch_size",
-                                              "train_per_class", "val_per_class", "threads")
+                                              "train_per_class", "val_per_class", "threads",
+                                              "localizer_epochs")
                 if getattr(self, k) is not None}
-        return dataclasses.replace(STUDY_PRESETS[self.preset], **over)
+        presets = LOCALISATION_STUDY_PRESETS if self.study == "localisation" else STUDY_PRESETS
+        return dataclasses.replace(presets[self.preset], **over)
 
 
 # --- weights in and out -------------------------------------------------------------------------
@@ -747,3 +767,117 @@ class FinetuneSettings:
                                    " run's own unless given", choices=PRECISIONS)
     workers: int | None = option(None, "loader processes (default: cores - 1, at most 16)")
     progress: bool = progress_option()
+
+
+# --- localisation (Appendix A) -------------------------------------------------------------------
+# The localisation study (``vggnet.reproduce_localisation``): config D with batch norm trained
+# from scratch at S=256 (here 73) for 12 epochs, then at S=384 (110) from it for 4 at lr/10;
+# localisation nets: ``protocol.LOCALISATION_PRESETS``. The same built-in data as the
+# classification study; 12 epochs because the localisers need a classifier that has left
+# chance (12 gave 71.4% top-1 error, 4.6 min; docs/localisation.md).
+LOCALISATION_STUDY_PRESETS = {
+    "paper": StudyPreset("paper", eval_batch=128),
+    "reduced": StudyPreset("reduced", epochs=12, finetune_epochs=4, batch_norm=True,
+                           batch_size=64, train_per_class=400, val_per_class=80, threads=1),
+}
+# what a localisation run may be told of `vggnet train`'s options (its net comes from the
+# classifier: model, width, crop, batch norm, dropout; its scale is fixed: --scale S)
+LOCALISATION_TRAIN_OPTIONS = (
+    "data", "out", "val_labels", "flip", "pca_std", "stats_images", "batch_size", "micro_batch",
+    "lr", "momentum", "weight_decay", "lr_factor", "lr_patience", "lr_drops", "min_improvement",
+    "epochs", "seed", "device", "precision", "channels_last", "compile", "workers", "skip_bad",
+    "scan", "save_every_min", "progress", "dist_timeout_s", "bucket_mb", "grad_compression",
+    "max_skips")
+MERGE_THRESHOLD = 1.0  # vggnet.boxes.MERGE_THRESHOLD, here without importing torch
+
+
+def boxes_option(split: str):
+    return option(None, f"ground-truth boxes of the {split} images: a LOC_*_solution.csv or a "
+                  f"folder of ILSVRC XML files (default: DATA/LOC_{split}_solution.csv)",
+                  metavar="PATH")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizeTrainCommand:
+    """Make a localisation net from a trained classifier and train it (the paper's Appendix
+    A): fc8 replaced by a box regressor (one box for all classes, or one per class), the
+    Euclidean loss on the box of the image's class, one random crop per image at a fixed
+    scale S with its box following the crop and flip, validated by test protocol 1 (the
+    central crop's box; IoU >= 0.5 with the truth is correct). Options not given come from
+    --preset; run folders, Ctrl-C, checkpoints, resume and report.md as in `vggnet train`."""
+
+    preset: str = option("paper", "paper: lr 1e-3, batch 256, plateau schedule; reduced: lr "
+                         "0.05, batch 64, 4 epochs (the built-in data on a CPU; see "
+                         "docs/localisation.md)", choices=tuple(LOCALISATION_PRESETS))
+    resume: str | None = option(None, "continue the run in this folder (or its last.pt) exactly",
+                                metavar="RUN")
+    classifier: str | None = option(None, "the trained classifier to start from: a run folder "
+                                    "(its best.pt), checkpoint or weights file", flag="from",
+                                    metavar="CLASSIFIER")
+    regression: str | None = option(None, "single-class: one box for every class; per-class "
+                                    "(default): one box per class", choices=REGRESSIONS)
+    finetune: str | None = option(None, "layers trained: all (default) or fc (fc6, fc7 and the "
+                                  "regressor; the conv layers frozen)", choices=FINETUNE)
+    scale: int | None = option(None, "training scale S, fixed (the paper: 256 and 384; default: "
+                               "the classifier's S)", metavar="S")
+    train_boxes: str | None = boxes_option("train")
+    val_boxes: str | None = boxes_option("val")
+    given: dict = nested("vggnet.settings:TrainSettings", partial=True,
+                         only=LOCALISATION_TRAIN_OPTIONS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizeEvaluateCommand:
+    """Localisation error of localisation nets on images with ground-truth boxes. Protocol 1
+    (Table 8): the central crop at Q, the box of the true class. Protocol 2 (Table 9): each net
+    applied densely to whole images at every Q, boxes merged greedily and rated by a
+    classifier, whose top-5 classes get one box each (top-5 localisation error). Several nets
+    with protocol 2: each alone, then their fusion (the union of their boxes)."""
+
+    localizers: tuple[str, ...] = option(positional="+", metavar="LOCALISER",
+                                         help="localisation nets: run folders (best.pt), "
+                                         "checkpoints or weights files")
+    data: str = option(help="dataset folder: train/ and val/ (any layout `vggnet data check` "
+                       "reads)")
+    split: str = option("val", "the split evaluated", choices=("val", "train"))
+    val_labels: str | None = option(None, "labels of a flat ImageNet val folder")
+    boxes: str | None = option(None, "ground-truth boxes: a LOC_*_solution.csv or a folder of "
+                               "ILSVRC XML files (default: DATA/LOC_<split>_solution.csv)",
+                               metavar="PATH")
+    protocol: int = option(1, "1: central crop, the true class's box (Table 8); 2: dense, the "
+                           "classifier's top 5 (Table 9)", choices=LOCALISATION_PROTOCOLS)
+    scales: tuple[int, ...] | None = option(None, "test scales Q (protocol 1: one result per Q; "
+                                            "2: all at once); default: each net's training S",
+                                            metavar="Q1,Q2,...")
+    classifier: str | None = option(None, "protocol 2: the classifier rating the boxes "
+                                    "(default: the one each net was trained from)",
+                                    metavar="CLASSIFIER")
+    flip: bool = option(False, "protocol 2: the mirror images too")
+    threshold: float = option(MERGE_THRESHOLD, "protocol 2: greedy merging stops above this "
+                              "match score (docs/localisation.md)")
+    batch_size: int = option(32, "protocol 1: crops per forward pass")
+    device: str = device_option()
+    precision: str = precision_option()
+    out: str = option("localisation", "folder for results.json")
+    progress: bool = progress_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizePredictCommand:
+    """The five (class, box) guesses of protocol 2 for each image: the localisation net
+    applied densely, its boxes merged and rated by the classifier, one box for each of the
+    classifier's top-5 classes. Prints them and writes OUT/<image>.boxes.png with the boxes
+    and labels drawn on the image."""
+
+    images: tuple[str, ...] = option(positional="+", help="image files or folders")
+    weights: str = option(help="localisation net: run folder (best.pt), checkpoint or weights "
+                          "file")
+    classifier: str | None = option(None, "the classifier rating the boxes (default: the one "
+                                    "the net was trained from)", metavar="CLASSIFIER")
+    scales: tuple[int, ...] | None = option(None, "test scales Q (default: the net's training "
+                                            "S)", metavar="Q1,Q2,...")
+    flip: bool = option(False, "the mirror image too")
+    top: int = option(5, "guesses per image (one class each)")
+    out: str = option("localisation-predictions", "folder for the PNGs")
+    device: str = device_option()
+    precision: str = precision_option()

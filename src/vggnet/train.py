@@ -132,17 +132,19 @@ def _no_sync(model: nn.Module, last: bool):
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch],
              per_process_batch: int, runtime: Runtime, prep: Preprocessing, stats: ColorStats,
-             scaler: torch.amp.GradScaler | None = None,
-             poison: bool = False) -> tuple[torch.Tensor, bool]:
+             scaler: torch.amp.GradScaler | None = None, poison: bool = False,
+             loss_fn: Callable | None = None) -> tuple[torch.Tensor, bool]:
     """One SGD step on this process's share of a global batch, in micro-batches.
 
     Each micro-batch adds sum-of-losses / per_process_batch to the gradients, so the step
     equals one on the whole batch (DDP then averages the processes' equal shares). A
     non-finite loss or gradient on any process skips the step on every process (one agreed
     flag), leaving weights and optimizer state as they were. ``poison`` makes the loss NaN
-    (fault injection). Returns (float64 sums [loss, top-1 hits, top-5 hits, images] on the
-    device, skipped).
+    (fault injection). ``loss_fn(output, labels, targets)`` -> (summed loss, top-1 hits,
+    top-5 hits) (``Task.loss``; default: the paper's classification). Returns (float64 sums
+    [loss, top-1 hits, top-5 hits, images] on the device, skipped).
     """
+    loss_fn = loss_fn or classification_loss
     micro_batches = list(micro_batches)
     optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
@@ -150,16 +152,16 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
         images = runtime.input(batch.images)
         labels = batch.labels.to(runtime.device, non_blocking=True)
         alpha = batch.alpha.to(runtime.device, non_blocking=True)
+        targets = None if batch.targets is None else batch.targets.to(runtime.device)
         x = device_batch(images, prep, alpha=alpha, stats=stats)
         with _no_sync(model, i == len(micro_batches) - 1):
             with runtime.autocast():
-                logits = model(x)
-            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+                output = model(x)
+            loss_sum, top1, top5 = loss_fn(output, labels, targets)
             if poison:
                 loss_sum = loss_sum * float("nan")
             loss = loss_sum / per_process_batch
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        top1, top5 = count_correct(logits.detach(), labels)
         totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
     finite = torch.isfinite(totals[0])
     if scaler is None:  # with fp16 the grad scaler itself skips steps whose gradients overflow
@@ -175,6 +177,14 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     else:
         optimizer.step()
     return totals, False
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The multinomial logistic loss summed over (N, classes) logits, and the top-1/top-5
+    hits (``targets``: unused, a classification sample has only its label)."""
+    return (F.cross_entropy(logits.float(), labels, reduction="sum"),
+            *count_correct(logits.detach(), labels))
 
 
 @torch.no_grad()
@@ -369,8 +379,11 @@ def settings_and_checkpoint(settings: TrainSettings | None, resume: Path | None,
         raise ValueError(f"{str(path)!r} is not a vggnet training checkpoint (format "
                          f"{ckpt.get('format')!r}); --resume takes a run folder or its last.pt")
     s = TrainSettings.from_dict({**ckpt["train_settings"], **given, "out": str(path.parent)})
-    check_state_fits(run_config(s, len(ckpt["class_names"])), ckpt["model"], repr(str(path)),
-                     "its training settings describe")
+    # a classifier is built from its settings; another task's net (localisation) from the
+    # config the checkpoint records
+    config = (run_config(s, len(ckpt["class_names"])) if "localisation" not in ckpt
+              else VGGConfig.from_dict(ckpt["model_config"]))
+    check_state_fits(config, ckpt["model"], repr(str(path)), "its training settings describe")
     return s, ckpt
 
 
@@ -424,6 +437,76 @@ def check_run(s: TrainSettings, ckpt: dict | None) -> Checked:
     return Checked(runtime, info, dataset, bad, micro, accum)
 
 
+# --- what a run learns ------------------------------------------------------------------------
+class Task:
+    """What a run learns: the paper's classification. ``train`` asks it for the model, the
+    samples, each step's loss and the validation error that drives the schedule; a subclass
+    changes any of them and keeps the loop, checkpoints, resume and run folder
+    (``vggnet.localize_train.BoxTask``: box regression, validated by localisation error)."""
+
+    name = "classification"  # checkpoints of other tasks record theirs under "task"
+    command = "vggnet train"  # what continues such a run (with --resume)
+
+    def resumed(self, ckpt: dict) -> Task:
+        """The task of the run ``ckpt`` continues: this one, if it is of this kind."""
+        found = ckpt.get("task", "classification")
+        if found != self.name:
+            raise ValueError(f"that run trains {found}, not {self.name}; continue it with "
+                             f"`{ckpt.get('resume_with', 'vggnet train')} --resume RUN`")
+        return self
+
+    def build(self, s: TrainSettings, class_names: list[str], ckpt: dict | None,
+              log: RunLog) -> tuple[VGG, dict, Transfer | None]:
+        """The model (initialised, or from ``--init-from`` in a new run), the metadata of the
+        file it came from ({} if none) and the layers taken from it (``transfer``)."""
+        model = build(run_config(s, len(class_names)), init=s.init, seed=s.seed)
+        if ckpt is None and s.init_from:
+            transfer, source_meta = start_from(s, model, log)
+            return model, source_meta, transfer
+        transfer = Transfer.from_dict(ckpt["transfer"]) if ckpt and ckpt.get("transfer") else None
+        return model, {}, transfer
+
+    def preprocessing(self, stats: ColorStats, ckpt: dict | None = None,
+                      source_meta: dict | None = None) -> Preprocessing:
+        """What the net's input pixels are (``run_preprocessing``): a resumed run's own, the
+        source's when fine-tuning, else the paper's, minus the training set's mean RGB."""
+        return run_preprocessing(ckpt, source_meta or {}, stats)
+
+    def images(self, run: Run) -> tuple:
+        """(training samples keyed by (epoch, index), this process's validation samples)."""
+        s, c = run.settings, run.checked
+        train = TrainImages(c.dataset.train.samples,
+                            TrainTransform(s.scale, s.crop_size, s.flip, s.pca_std), seed=s.seed)
+        val = [c.dataset.val.samples[i] for i in distributed.shard(len(c.dataset.val), c.info)]
+        return train, EvalImages(val, EvalTransform(default_test_scale(s.scale), s.crop_size))
+
+    def wrap(self, model: VGG) -> nn.Module:
+        """The module that runs the weights in training and validation."""
+        return model
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor,
+             targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(summed loss, top-1 hits, top-5 hits) of a micro-batch (see ``sgd_step``)."""
+        return classification_loss(output, labels, targets)
+
+    def validate(self, state: TrainState, run: Run) -> dict:
+        """"loss", "top1_err" (the schedule follows it), "top5_err", "images", "bad" and
+        optionally "extra" (more columns for the epoch's metrics row)."""
+        return validate(state.net, make_loader(run.val_images, 2 * run.checked.micro,
+                                               run.workers, pin_memory=run.pin),
+                        run.runtime, run.prep)
+
+    def epoch_line(self, row: dict, epochs: int) -> str:
+        return epoch_line(row, epochs)
+
+    def report(self, result: TrainResult, run: Run) -> str:
+        return training_report(result, run)
+
+    def constants(self) -> dict:
+        """What checkpoints record about the task beside the run's constants."""
+        return {}
+
+
 # --- the run and its state ---------------------------------------------------------------------
 @dataclass
 class Run:
@@ -434,22 +517,19 @@ class Run:
     stats: ColorStats  # mean RGB and colour PCA (the colour shift)
     checked: Checked
     log: RunLog
-    prep: Preprocessing | None = None  # None: the paper's, ``stats``'s mean RGB subtracted
+    task: Task = field(default_factory=Task)
+    prep: Preprocessing | None = None  # None: the task's (the paper's: mean RGB subtracted)
     transfer: Transfer | None = None  # the layers taken from --init-from and how they train
 
     def __post_init__(self) -> None:
         s, c = self.settings, self.checked
-        self.prep = self.prep or paper(self.stats.mean_rgb)
+        self.prep = self.prep or self.task.preprocessing(self.stats)
         self.folder = Path(s.out)
         self.runtime, self.info, self.dataset = c.runtime, c.info, c.dataset
-        self.steps_per_epoch = len(c.dataset.train) // s.batch_size
         self.workers = s.workers if s.workers is not None else default_loader_workers()
         self.pin = c.runtime.device.type == "cuda"
-        self.train_images = TrainImages(c.dataset.train.samples,
-                                        TrainTransform(s.scale, s.crop_size, s.flip, s.pca_std),
-                                        seed=s.seed)
-        val = [c.dataset.val.samples[i] for i in distributed.shard(len(c.dataset.val), c.info)]
-        self.val_images = EvalImages(val, EvalTransform(default_test_scale(s.scale), s.crop_size))
+        self.train_images, self.val_images = self.task.images(self)
+        self.steps_per_epoch = len(self.train_images) // s.batch_size
 
     def constants(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(),
@@ -457,7 +537,7 @@ class Run:
                 "images": {"train": len(self.dataset.train), "val": len(self.dataset.val)},
                 "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict(),
                 "transfer": self.transfer.to_dict() if self.transfer else None,
-                "split": self.dataset.split}
+                "split": self.dataset.split, **self.task.constants()}
 
     def describe(self) -> str:
         s, c, rt = self.settings, self.checked, self.runtime
@@ -479,6 +559,7 @@ class EpochProgress:
     seconds: float = 0.0
     bad: list[str] = field(default_factory=list)  # files that failed to decode
     skipped: int = 0  # non-finite steps skipped
+    redrawn: int = 0  # random crops drawn again (a localisation crop that lost its box)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -513,8 +594,8 @@ class TrainState:
             freeze(model, run.transfer.frozen)
         if s.sync_bn and run.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = distributed.wrap_ddp(rt.prepare(model), run.info, rt.device, s.bucket_mb,
-                                   s.grad_compression)
+        net = distributed.wrap_ddp(rt.prepare(run.task.wrap(model)), run.info, rt.device,
+                                   s.bucket_mb, s.grad_compression)
         optimizer = torch.optim.SGD(param_groups(model, run.transfer), lr=s.lr,
                                     momentum=s.momentum,
                                     weight_decay=s.weight_decay, **rt.optimizer_options())
@@ -554,17 +635,12 @@ class TrainState:
                 "best_top5_err": self.best_top5_err}
 
 
-def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
-              log: RunLog) -> tuple[Run, TrainState]:
-    """The model (initialised, or from ``--init-from``), the colour statistics (the
-    checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
-    dataset, info = checked.dataset, checked.info
-    config = run_config(s, len(dataset.class_names))
-    model = build(config, init=s.init, seed=s.seed)
-    source_meta: dict = {}
-    transfer = Transfer.from_dict(ckpt["transfer"]) if ckpt and ckpt.get("transfer") else None
-    if ckpt is None and s.init_from:
-        transfer, source_meta = start_from(s, model, log)
+def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked, log: RunLog,
+              task: Task | None = None) -> tuple[Run, TrainState]:
+    """The model (``task.build``: initialised, or from ``--init-from``), the colour statistics
+    (the checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
+    dataset, info, task = checked.dataset, checked.info, task or Task()
+    model, source_meta, transfer = task.build(s, dataset.class_names, ckpt, log)
     if ckpt is not None:
         stats = ColorStats.from_dict(ckpt["stats"])
     elif source_meta.get("stats"):
@@ -578,10 +654,10 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
         log.message(f"mean RGB {[round(v, 2) for v in stats.mean_rgb]}, colour PCA eigenvalues "
                     f"{[f'{v:.2e}' for v in stats.eigval]} from {stats.images} training images "
                     f"({time.perf_counter() - t:.1f} s)")
-    prep = run_preprocessing(ckpt, source_meta, stats)
-    if ckpt is None and source_meta.get("preprocessing"):
+    prep = task.preprocessing(stats, ckpt, source_meta)
+    if ckpt is None and s.init_from and source_meta.get("preprocessing"):
         log.message(f"input as {s.init_from} was trained: {prep.describe()}")
-    run = Run(s, config, stats, checked, log, prep, transfer)
+    run = Run(s, model.config, stats, checked, log, task, prep, transfer)
     if ckpt is not None:
         state = TrainState.from_checkpoint(ckpt, run, model)
         log.message(f"resuming {run.folder} at epoch {state.epoch + 1}, step "
@@ -606,7 +682,8 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
     micro_batches = [next(batches) for _ in range(run.checked.accum)]
     totals, skipped = sgd_step(state.net, state.optimizer, micro_batches,
                                run.checked.micro * run.checked.accum, run.runtime, run.prep,
-                               run.stats, state.scaler, poison=fault == "nan")
+                               run.stats, state.scaler, poison=fault == "nan",
+                               loss_fn=run.task.loss)
     totals = distributed.all_reduce_sum(totals).tolist()
     state.skips = state.skips + 1 if skipped else 0
     if skipped:
@@ -624,6 +701,7 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
     p = state.progress
     p.totals = [a + b for a, b in zip(p.totals, totals, strict=True)]
     p.bad += [b for mb in micro_batches for b in mb.bad]
+    p.redrawn += sum(mb.redrawn for mb in micro_batches)
     state.epoch_step += 1
     state.step += 1
     return int(totals[3])
@@ -667,15 +745,14 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
         run.log.save("last.pt", state.to_checkpoint(run))
         run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
                         f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
-                        f"vggnet train --resume {run.folder}")
+                        f"{run.task.command} --resume {run.folder}")
     return stopped
 
 
 def end_of_epoch(state: TrainState, run: Run) -> str:
     """Validate, step the schedule, record the epoch, save last.pt (and best.pt when the
     validation error improved). Returns the schedule's event ("stop" ends the run)."""
-    val = validate(state.net, make_loader(run.val_images, 2 * run.checked.micro, run.workers,
-                                          pin_memory=run.pin), run.runtime, run.prep)
+    val = run.task.validate(state, run)
     p = state.progress
     loss_sum, top1, _, n = p.totals
     lr = state.schedule.lr
@@ -686,7 +763,8 @@ def end_of_epoch(state: TrainState, run: Run) -> str:
            "train_top1_err": 1 - top1 / n if n else math.nan, "val_loss": val["loss"],
            "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
            "images_per_s": n / max(p.seconds, 1e-9), "epoch_s": p.seconds,
-           "bad_files": len(bad), "skipped_steps": p.skipped, "event": event}
+           "bad_files": len(bad), "skipped_steps": p.skipped, "event": event,
+           **val.get("extra", {})}
     state.history.append(row)
     state.epoch, state.epoch_step, state.progress = state.epoch + 1, 0, EpochProgress()
     if event == "improved":
@@ -696,7 +774,7 @@ def end_of_epoch(state: TrainState, run: Run) -> str:
     run.log.save("last.pt", ckpt)  # then best.pt: runfolder.repair_best mends a kill between
     if event == "improved":
         run.log.save("best.pt", ckpt)
-    run.log.message(epoch_line(row, run.settings.epochs) + (
+    run.log.message(run.task.epoch_line(row, run.settings.epochs) + (
         f"\n  decode failures this epoch (skipped):\n{format_bad(bad, 10)}" if bad else ""))
     if event == "stop":
         run.log.message(f"validation error stopped improving after {state.schedule.drops} lr "
@@ -718,21 +796,24 @@ class TrainResult:
 
 
 def train(settings: TrainSettings | None = None, resume: str | os.PathLike | None = None,
-          on_step: Callable[[int], None] | None = None, **overrides) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, task: Task | None = None,
+          **overrides) -> TrainResult:
     """Train (or, with ``resume`` = a run folder or its last.pt, continue a run exactly).
 
     ``overrides`` (``settings.RESUMABLE``: workers, progress, device, precision, ...) may
     change how a resumed run executes, never what it computes up to where it was going;
-    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step. The run
-    folder is locked throughout (``runfolder``); resuming a finished run changes nothing.
+    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step. ``task``:
+    what the run learns (default: classification; a resumed run's must be of its kind). The
+    run folder is locked throughout (``runfolder``); resuming a finished run changes nothing.
     """
     t_start = time.perf_counter()
     settings, resume = name_run(settings, resume)
     folder = Path(settings.out) if resume is None else checkpoint_path(resume).parent
     with hold_run_folder(folder, resuming=resume is not None), sigterm_stops():
         s, ckpt = settings_and_checkpoint(settings, resume, overrides)
+        task = (task or Task()).resumed(ckpt) if ckpt else task
         done = None if ckpt is None else check_resumed(s, ckpt, checkpoint_path(resume))
-        return done or run_training(s, ckpt, on_step, t_start)
+        return done or run_training(s, ckpt, on_step, t_start, task)
 
 
 def check_resumed(s: TrainSettings, ckpt: dict, path: Path) -> TrainResult | None:
@@ -752,7 +833,7 @@ def check_resumed(s: TrainSettings, ckpt: dict, path: Path) -> TrainResult | Non
 
 
 def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], None] | None,
-                 t_start: float) -> TrainResult:
+                 t_start: float, task: Task | None = None) -> TrainResult:
     """Check, set up, then alternate ``train_epoch`` and ``end_of_epoch``; the report at the
     end."""
     checked = check_run(s, ckpt)
@@ -761,7 +842,7 @@ def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], N
     status = "finished"
     with distributed.leave_group_after():
         try:
-            run, state = start_run(s, ckpt, checked, log)
+            run, state = start_run(s, ckpt, checked, log, task)
             log.message(run.describe())
             log.saved_at = time.perf_counter()
             with StopRequest() as stop:
@@ -779,7 +860,7 @@ def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], N
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
             if status != "interrupted":
                 log.plots(state.history)
-                log.write_text("report.md", training_report(result, run))
+                log.write_text("report.md", run.task.report(result, run))
         finally:
             log.close()
     return result
@@ -812,7 +893,7 @@ def stopped_after_epoch(state: TrainState, run: Run, stop: StopRequest) -> bool:
     stopped, = distributed.agree(stop.requested, device=run.runtime.device)
     if stopped:
         run.log.message(f"stopped after epoch {state.epoch}; {run.folder / 'last.pt'} holds its "
-                        f"end\nresume with: vggnet train --resume {run.folder}")
+                        f"end\nresume with: {run.task.command} --resume {run.folder}")
     return stopped
 
 
