@@ -98,6 +98,7 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     d384 = json.loads((out / "nets" / "D@384" / "settings.json").read_text())
     assert d384["init_from"].endswith("D@256") and d384["scale"] == [110, 110]
     assert abs(d384["lr"] - 1e-3) < 1e-12  # the S=384 stage: lr/10
+    assert d384["transfer_lr_factor"] == 1.0  # on every copied layer (not lr/100)
     ejit = json.loads((out / "nets" / "E@jit" / "settings.json").read_text())
     assert ejit["init_from"].endswith("E@384") and ejit["scale"] == [73, 146]
     assert cells["E@jit/multi/dense"]["scales"] == [73, 109, 146]  # the middle of [73, 146]

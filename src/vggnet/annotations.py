@@ -165,12 +165,15 @@ def read_boxes(path: str | os.PathLike) -> tuple[Annotations, dict[str, tuple[in
 @dataclass(frozen=True)
 class BoxedSample:
     """An image with its class index and ground-truth boxes: ``boxes`` (k, 4) float32 xyxy in
-    pixels of the stored image, clipped to it; ``box_labels`` the class of each box."""
+    pixels of the stored image, clipped to it; ``box_labels`` the class of each box; ``size``
+    the image's (width, height) where known (a training crop's box is then placed before
+    the image is decoded)."""
 
     path: str
     label: int
     boxes: torch.Tensor
     box_labels: tuple[str, ...]
+    size: tuple[int, int] | None = None
 
     def boxes_of(self, label: str) -> torch.Tensor:
         """The (j, 4) boxes framing class ``label`` (a wnid or class folder name)."""
@@ -241,5 +244,5 @@ def attach_boxes(samples: Sequence[tuple[str, int]],
             report.skipped.append((path, "every box lies outside the image"))
             continue
         names = tuple(b.label for b, k in zip(given, keep.tolist(), strict=True) if k)
-        out.append(BoxedSample(path, label, boxes[keep], names))
+        out.append(BoxedSample(path, label, boxes[keep], names, tuple(size)))
     return out, report

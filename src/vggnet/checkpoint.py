@@ -204,6 +204,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, verify: bool
     return obj
 
 
+def checkpoint_entry(path: str | os.PathLike, key: str):
+    """``checkpoint[key]`` read without reading the tensors (memory-mapped) or verifying the
+    checksum: a cheap look at, e.g., which epoch a file holds. None if the file is missing,
+    unreadable or not a checkpoint dict."""
+    try:
+        path = check_input_file(path)
+        _check_torch_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # whatever is wrong with it, it does not hold what was asked
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def _check_torch_file(path: Path) -> None:
     """A torch.save file starts as a zip ("PK") or, before PyTorch 1.6, a pickle (0x80). A zip
     may not expand beyond its own size: torch.save stores its entries uncompressed, and

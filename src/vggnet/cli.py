@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 import types
 import typing
@@ -25,9 +27,9 @@ from .fields import resolve
 
 DESCRIPTION = ("Build, train, evaluate, import, inspect and deploy VGG networks "
                "(Simonyan & Zisserman, ICLR 2015).")
-# errors that are the user's to fix: one line and exit code 2, no traceback
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-               FloatingPointError)
+# errors that are the user's to fix: one line and exit code 2, no traceback. OSError: a file
+# that cannot be read or written (checkpoint.WriteError: a full disk, saying what is intact)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ COMMANDS: dict[str, Command | Group] = {
                      "train a VGG net with the paper's recipe"),
     "evaluate": Command(S + "EvaluateCommand", "vggnet.evaluate:evaluate_command",
                         "top-1/top-5 error with the paper's test protocol"),
-    "reproduce": Command(S + "StudySettings", "vggnet.reproduce:reproduce_command",
+    "reproduce": Command(S + "StudySettings", "vggnet.studies:reproduce_command",
                          "the paper's study: train, evaluate, Tables 3-6 and findings"),
     "convert": Command(S + "ConvertSettings", "vggnet.convert:convert_command",
                        "import torchvision, Keras or Caffe VGG weights"),
@@ -78,7 +80,28 @@ COMMANDS: dict[str, Command | Group] = {
                       "ONNX or TorchScript graph, checked against PyTorch"),
     "bench": Command(S + "BenchSettings", "vggnet.bench:bench_command",
                      "benchmark suite: our defaults against plain PyTorch, same run"),
+    "localize": Group("localisation (Appendix A): box regression, test protocols 1 and 2",
+                      "Localisation nets made from trained classifiers (the paper's Appendix "
+                      "A), their test protocols and their boxes drawn on images.", {
+                          "train": Command(S + "LocalizeTrainCommand",
+                                           "vggnet.localize_train:localize_train_command",
+                                           "fine-tune a classifier into a box regressor"),
+                          "evaluate": Command(S + "LocalizeEvaluateCommand",
+                                              "vggnet.localize_eval:localize_evaluate_command",
+                                              "localisation error, protocol 1 or 2, fusion"),
+                          "predict": Command(S + "LocalizePredictCommand",
+                                             "vggnet.localize_predict:localize_predict_command",
+                                             "top-5 (class, box) guesses drawn on images")}),
 }
+# VGG as a backbone (issue 13)
+COMMANDS["finetune"] = Command(S + "FinetuneSettings", "vggnet.finetune:finetune_command",
+                               "fine-tune trained weights on your own folder of classes")
+COMMANDS["stylize"] = Command(S + "StylizeCommand", "vggnet.stylize:stylize_command",
+                              "neural style transfer (Gatys et al.) through a frozen VGG")
+COMMANDS["explain"] = Command(S + "ExplainSettings", "vggnet.explain:explain_command",
+                              "Grad-CAM and saliency maps of a classifier's decisions")
+COMMANDS["retrieve"] = Command(S + "RetrieveSettings", "vggnet.retrieval:retrieve_command",
+                               "rank database images by descriptor similarity to queries")
 
 
 # --- options from dataclass fields ---------------------------------------------------------------
@@ -91,16 +114,27 @@ def int_list(text: str) -> tuple[int, ...]:
                                          f"got {text!r}") from None
 
 
-def _value_type(hint):
+def name_list(text: str) -> tuple[str, ...]:
+    """Names the same way: "relu1_1,relu2_1" (or a single "relu4_2")."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names like relu1_1,relu2_1, "
+                                         f"got {text!r}")
+    return names
+
+
+def _value_type(hint, positional: bool = False):
     """How an option's text becomes the field's value: None for a bool (a flag), ``int_list``
-    for a tuple of ints, else the type itself (``int | None`` -> int, ``tuple[str, ...]``:
-    str, one per positional argument)."""
+    for a tuple of ints, ``name_list`` for a tuple of strings (str, one per argument, when
+    positional), else the type itself (``int | None`` -> int)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is bool:
         return None
     if typing.get_origin(hint) is tuple:
-        return int_list if typing.get_args(hint)[0] is int else str
+        if typing.get_args(hint)[0] is int:
+            return int_list
+        return str if positional else name_list
     return hint
 
 
@@ -111,7 +145,7 @@ def _shown(value) -> str:
 def _argument(parser, groups: dict, f: dataclasses.Field, hint, dest: str, flag: str,
               help: str) -> None:
     """One option (or positional argument) for field ``f``; not given: absent."""
-    m, parse = f.metadata, _value_type(hint)
+    m, parse = f.metadata, _value_type(hint, bool(f.metadata.get("positional")))
     if f.default not in (dataclasses.MISSING, None, "") and parse is not None:
         help += f" (default: {_shown(f.default)})"
     kw: dict = {"help": help or None, "default": argparse.SUPPRESS}
@@ -147,7 +181,7 @@ def add_options(parser: argparse.ArgumentParser, cls, groups: dict | None = None
         if "nested" in m:
             add_options(parser, resolve(m["nested"]), groups, f"{f.name}.", m)
             continue
-        flag = meta.get("rename", {}).get(f.name, f.name)
+        flag = m.get("flag") or meta.get("rename", {}).get(f.name, f.name)
         help = m.get("help") or meta.get("help_of", {}).get(f.name, "")
         _argument(parser, groups, f, hints[f.name], prefix + f.name, flag, help)
 
@@ -213,3 +247,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vggnet {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The program (``vggnet``, ``python -m vggnet``): ``main``, then exit with its code. A
+    Ctrl-C from then on (while the interpreter shuts down: loader workers, torch's finalizers)
+    exits at once with 130, instead of a traceback from an atexit callback."""
+    code = 130
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C between main's own handling and here
+        pass
+    finally:
+        signal.signal(signal.SIGINT, lambda signum, frame: _exit_now(130))
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -363,7 +363,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, model: str | None =
         loaded = import_weights(path, model=model, sha256=sha256, prototxt=prototxt)
         bar.update(1)
         save_weights(out, loaded.model, loaded.preprocessing, loaded.class_names,
-                     loaded.meta.get("provenance"))
+                     loaded.meta.get("provenance"), loaded.meta.get("localisation"))
         bar.update(1)
     return loaded
 

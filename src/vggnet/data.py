@@ -10,6 +10,8 @@ Layouts ``open_dataset`` understands (DIR is what ``--data`` names):
   wnids) to wnids. They are looked for in DIR, DIR/val and DIR/ILSVRC2012_devkit_t12/data, or
   given with ``val_labels``.
 - Kaggle's DIR/ILSVRC/Data/CLS-LOC/{train,val} with DIR/LOC_val_solution.csv.
+- With ``val_split`` (``--val-split 0.1``): DIR/<class>/... alone (ImageFolder style), a
+  fraction of each class held out for validation (``split_class_folders``).
 Files whose names start with "." are ignored; every other file in a class folder is a sample
 (a file Pillow cannot read is reported by the scan, not silently dropped).
 """
@@ -66,6 +68,7 @@ class Dataset:
     train: Split
     val: Split
     layout: str  # "class folders", "flat val + LOC_val_solution.csv", ...
+    split: dict | None = None  # how val was carved out of one tree (split.split_record)
 
     @property
     def class_names(self) -> list[str]:
@@ -202,25 +205,65 @@ def check_same_classes(train: Split, val: Split) -> None:
             + "; both splits need the same class folders")
 
 
-def open_dataset(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
-    """List a dataset's train and val splits (see the module doc for layouts) and check that
-    they are usable for classification: >= 2 classes, no empty class folder, same classes."""
+def _check_classes(train: Split) -> None:
+    if len(train.class_names) < 2:
+        raise ValueError(f"training folder {str(train.root)!r} has a single class "
+                         f"({train.class_names[0]!r}); classification needs at least 2 class "
+                         "folders")
+
+
+def split_class_folders(root: Path, fraction: float, seed: int = 0) -> Dataset:
+    """One folder per class (ImageFolder style), ``fraction`` of each class held out for
+    validation (``split.split_samples``: seeded, stratified, independent of the listing)."""
+    from .split import split_record, split_samples
+
+    every = list_class_folders(root, "data")
+    _check_classes(every)
+    short = [c for c, n in zip(every.class_names, every.counts(), strict=True) if n < 2]
+    if short:
+        raise ValueError(f"{len(short)} class folder(s) in {str(root)!r} hold a single image "
+                         f"({', '.join(short[:10])}): --val-split needs at least 2 per class, "
+                         "one for each split")
+    train, val = split_samples(every.samples, fraction, seed, root=root)
+    return Dataset(root, Split("train", root, train, every.class_names),
+                   Split("val", root, val, every.class_names),
+                   f"one folder per class, {fraction:g} of each held out for validation "
+                   f"(seed {seed})", split_record(val, fraction, seed, root=root))
+
+
+def _layout_error(root: Path, val_split: float | None) -> ValueError:
+    found = sorted(p.name for p in root.iterdir())
+    if val_split is not None:
+        return ValueError(f"--val-split carves validation images out of one folder per class, "
+                          f"but {str(root)!r} has a train/ folder (train/ and val/ are the "
+                          "splits); drop --val-split")
+    hint = ""
+    if found and all((root / n).is_dir() for n in found if not n.startswith(".")):
+        hint = (" It looks like one folder per class: give --val-split 0.1 to hold out 10% of "
+                "each class for validation.")
+    return ValueError(f"dataset folder {str(root)!r} needs train/ and val/ subfolders, each "
+                      "with one folder per class (val may instead be ImageNet's flat folder "
+                      f"with {LOC_CSV} or {GROUND_TRUTH_TXT}); found {found[:10]}.{hint}")
+
+
+def open_dataset(root: str | os.PathLike, val_labels: str | os.PathLike | None = None,
+                 val_split: float | None = None, split_seed: int = 0) -> Dataset:
+    """List a dataset's train and val splits (see the module doc for layouts; with
+    ``val_split``, one folder per class split by ``split_class_folders``) and check that they
+    are usable for classification: >= 2 classes, no empty class folder, same classes."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
     base = root
     if not (root / "train").is_dir() and (root / "ILSVRC" / "Data" / "CLS-LOC" / "train").is_dir():
         base = root / "ILSVRC" / "Data" / "CLS-LOC"  # Kaggle's ImageNet layout
-    if not (base / "train").is_dir() or not (base / "val").is_dir():
-        raise ValueError(f"dataset folder {str(root)!r} needs train/ and val/ subfolders, each "
-                         "with one folder per class (val may instead be ImageNet's flat folder "
-                         f"with {LOC_CSV} or {GROUND_TRUTH_TXT}); found "
-                         f"{sorted(p.name for p in root.iterdir())[:10]}")
+    has_splits = (base / "train").is_dir() and (base / "val").is_dir()
+    if val_split is not None and not (base / "train").is_dir():
+        return split_class_folders(root, val_split, split_seed)
+    if not has_splits or val_split is not None:
+        raise _layout_error(root, val_split)
     train = list_class_folders(base / "train", "train")
-    if len(train.class_names) < 2:
-        raise ValueError(f"training folder {str(base / 'train')!r} has a single class "
-                         f"({train.class_names[0]!r}); classification needs at least 2 class "
-                         "folders")
+    _check_classes(train)
     val_dir = base / "val"
     if _is_flat(val_dir):
         labels = Path(val_labels) if val_labels else _find_labels(root, val_dir)
@@ -377,17 +420,29 @@ class Batch:
     labels: torch.Tensor  # (N,) int64; -1 marks an evaluation image that failed to decode
     alpha: torch.Tensor | None  # (N, 3) float32 colour-shift coefficients (training)
     bad: list[str]  # "path: reason" of files that failed to decode in this batch
+    # what a sample is regressed to beside its label: (N, 4) float32 encoded boxes of the
+    # localisation runs (``vggnet.localize_train``); None for classification
+    targets: torch.Tensor | None = None
+    redrawn: int = 0  # random crops drawn again because they lost their object's box
 
     def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(),
-                     None if self.alpha is None else self.alpha.pin_memory(), self.bad)
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), pin(self.alpha),
+                     self.bad, pin(self.targets), self.redrawn)
 
 
 def collate(items) -> Batch:
+    """Samples (image, label, alpha, bad) or (image, label, alpha, bad, target, redrawn)."""
     images = torch.from_numpy(np.stack([it[0] for it in items]))  # (N, H, W, 3)
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
     alpha = None if items[0][2] is None else torch.from_numpy(np.stack([it[2] for it in items]))
-    return Batch(images.permute(0, 3, 1, 2), labels, alpha, [b for it in items for b in it[3]])
+    batch = Batch(images.permute(0, 3, 1, 2), labels, alpha, [b for it in items for b in it[3]])
+    if len(items[0]) > 4:
+        batch.targets = torch.from_numpy(np.stack([it[4] for it in items]))
+        batch.redrawn = sum(it[5] for it in items)
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -430,11 +485,12 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, pin_memory: bool = False,
-                prefetch: int = 4) -> torch.utils.data.DataLoader:
+                prefetch: int = 4, collate_fn=collate) -> torch.utils.data.DataLoader:
     """Batches of uint8 images from ``workers`` processes (0: in this process)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-        pin_memory=pin_memory, drop_last=False, worker_init_fn=_worker_init if workers else None,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate_fn, pin_memory=pin_memory, drop_last=False,
+        worker_init_fn=_worker_init if workers else None,
         prefetch_factor=prefetch if workers else None, persistent_workers=False,
         # its own generator, so that creating an iterator never draws from the global RNG
         # (which drives dropout and must replay exactly on resume)
@@ -461,7 +517,7 @@ def make_data_command(s: MakeDataSettings) -> int:
 
 def check_data_command(s: CheckDataSettings) -> int:
     """``vggnet data check``: list and scan a dataset; exit code 1 if any file is bad."""
-    d = open_dataset(s.dir, s.val_labels)  # layout errors first, before the scan
+    d = open_dataset(s.dir, s.val_labels, s.val_split, s.split_seed)  # layout errors first
     with progress_bar(len(d.train) + len(d.val), "scanning", enabled=s.progress) as bar:
         report = check_dataset(d, workers=s.workers, progress=bar.update)
     print(report.format())

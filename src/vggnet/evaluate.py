@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import check_output_folder
 from .image import BadImageError, load_rgb_reduced, shorter_side_size
 from .progress import progress_bar
 from .protocol import default_test_scales
 from .runtime import Runtime, make_runtime
 from .settings import EvalSettings, EvaluateCommand
 from .transforms import crop_resized
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, load_model, require_classifier
 
 
 def crop_grid(height: int, width: int, crop: int, n: int) -> list[tuple[int, int]]:
@@ -431,7 +432,8 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
     if not names:
         raise ValueError("no checkpoint given; pass at least one checkpoint or weights file")
     rt = make_runtime(device, precision)
-    models = list(models) if models is not None else [load_model(c) for c in checkpoints]
+    models = (list(models) if models is not None
+              else [require_classifier(load_model(c), c) for c in checkpoints])
     shared = check_ensemble(models, names)
     mapping = align_classes(shared, models[0].model.config.num_classes, class_names, names[0])
     out_names = shared or list(class_names)
@@ -463,12 +465,15 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
 
 
 def evaluate_command(c: EvaluateCommand) -> int:
-    """``vggnet evaluate``: evaluate, print the report, write its files."""
+    """``vggnet evaluate``: evaluate, print the report, write its files (--out checked
+    first, so that a file or a read-only folder there costs no evaluation)."""
+    out = check_output_folder(c.out or default_out(c.checkpoints[0], c.protocol.method),
+                              "evaluation")
     samples, classes = list_eval_data(c.data, c.split, c.val_labels)
     report = evaluate(c.checkpoints, samples, classes, c.protocol, device=c.device,
                       precision=c.precision, progress=c.progress, say=print)
     print(format_report(report))
-    files = write_report(report, c.out or default_out(c.checkpoints[0], c.protocol.method))
+    files = write_report(report, out)
     print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
     return 0
 

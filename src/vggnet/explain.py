@@ -32,6 +32,7 @@ from torch import nn
 from .backbone import block_ends, check_layers
 from .model import VGG
 from .predict import top_k
+from .settings import ExplainSettings
 from .weights import LoadedModel
 
 METHODS = ("gradcam", "saliency")
@@ -243,3 +244,63 @@ def explain_files(loaded: LoadedModel, paths: Sequence[str | os.PathLike], out: 
             save_maps(ex, out / f"{name}.safetensors")
         results.append(ex)
     return results
+
+
+def resolve_target(target: str | None, class_names: Sequence[str] | None,
+                   num_classes: int) -> int | None:
+    """``--target``: a class index, or a name among ``class_names`` (the name itself, e.g. a
+    WordNet id, or its readable ImageNet name, any case); an unknown or ambiguous name is an
+    error that shows some choices."""
+    if target is None:
+        return None
+    if target.strip().lstrip("-").isdigit():
+        index = int(target)
+        if not 0 <= index < num_classes:
+            raise ValueError(f"--target {index} is not a class index of these weights (0 to "
+                             f"{num_classes - 1})")
+        return index
+    from .imagenet import describe
+
+    names = list(class_names or [])
+    wanted = target.strip().lower()
+    hits = [i for i, n in enumerate(names)
+            if wanted in (n.lower(), describe(n).split(" (")[0].lower())]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ValueError(f"--target {target!r} names {len(hits)} classes "
+                         f"({', '.join(f'{i}: {describe(names[i])}' for i in hits)}); give the "
+                         "index instead")
+    shown = ", ".join(describe(n) for n in names[:5]) or "(the weights have no class names)"
+    raise ValueError(f"--target {target!r} is not a class of these weights; give an index "
+                     f"(0 to {num_classes - 1}) or a name, e.g. {shown}")
+
+
+def explain_command(s: ExplainSettings) -> int:
+    """``vggnet explain``: check the layer, target and output folder before any image, explain
+    every image, list the ones skipped."""
+    from .checkpoint import check_output_folder
+    from .image import list_images
+    from .runtime import pick_device
+    from .weights import load_model
+
+    check_output_folder(s.out, "explanations")
+    loaded = load_model(s.weights, pick_device(s.device))
+    methods = METHODS if s.method == "both" else (s.method,)
+    if s.layer is not None:
+        check_layers(loaded.model, [s.layer], "Grad-CAM layer")
+    target = resolve_target(s.target, loaded.class_names, loaded.model.config.num_classes)
+    results = explain_files(loaded, list_images(s.images), s.out, methods, s.layer, target,
+                            s.raw, s.progress)
+    from .imagenet import describe
+
+    skipped = [r for r in results if r.error]
+    for r in results:
+        if r.error is None:
+            name = describe(loaded.class_names[r.target]) if loaded.class_names else "class"
+            print(f"{r.path}: {name} (class {r.target})")
+    print(f"wrote {len(results) - len(skipped)} explanation(s) to {s.out}"
+          + (f"; skipped {len(skipped)} image(s) that could not be decoded:" if skipped else ""))
+    for r in skipped:
+        print(f"  {r.error}")
+    return 0 if len(skipped) < len(results) else 1

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import check_writable_output
 from .model import VGG
 from .progress import progress_bar
 from .settings import EXPORT_FORMATS, ExportSettings
@@ -196,9 +197,11 @@ def _check(path: Path, fmt: str, model: VGG, dense: bool, shapes: list[tuple[int
 
 
 def export_command(s: ExportSettings) -> int:
-    """``vggnet export``: export, then print the largest difference found on each check."""
+    """``vggnet export``: export, then print the largest difference found on each check
+    (--out checked first: not a folder, not read-only, in an existing folder)."""
     from .weights import load_model
 
+    check_writable_output(s.out, f"{s.format} export")
     report = export(load_model(s.weights), s.out, fmt=s.format, dense=s.dense,
                     progress=s.progress)
     print(f"wrote {report.path} ({s.format}, {'dense' if s.dense else 'classifier'} graph)")

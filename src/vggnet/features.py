@@ -122,6 +122,8 @@ def check_features_output(path: str | os.PathLike) -> Path:
 def features_command(s: FeaturesSettings) -> int:
     """``vggnet features``: extract, then save with what was extracted and how (the weights,
     the image paths in row order, the layers and size, or the descriptor's scales)."""
+    if s.pool is not None:
+        return pooled_features(s)
     check_features_output(s.out)
     loaded = load_model(s.weights)
     rt = make_runtime(s.device, s.precision)
@@ -140,3 +142,23 @@ def features_command(s: FeaturesSettings) -> int:
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
     print(f"{len(paths)} images: {shapes} -> {s.out}")
     return 0
+
+
+def pooled_features(s: FeaturesSettings) -> int:
+    """``vggnet features --pool``: descriptors of every readable image into ``s.out`` (rows in
+    the order of meta["paths"]), the skipped ones listed."""
+    from .retrieval import describe, descriptor_layer, descriptor_settings, report_skipped
+
+    check_features_output(s.out)
+    settings = descriptor_settings(s.pool, s.gem_p, s.scales)
+    loaded = load_model(s.weights)
+    descs, kept, skipped = describe(loaded, list_images(s.inputs), settings,
+                                    make_runtime(s.device, s.precision), s.progress)
+    meta = {"weights": str(s.weights), "paths": kept, "skipped": skipped, "pool": s.pool,
+            "gem_p": s.gem_p if s.pool == "gem" else None, "layer": descriptor_layer(loaded),
+            "longer_sides": [round(f * settings.size) for f in settings.scales],
+            "l2_normalised": True}
+    save_features(s.out, {"descriptors": descs}, meta)
+    print(f"{len(kept)} images: descriptors {tuple(descs.shape)} -> {s.out}")
+    report_skipped(skipped)
+    return 0 if kept else 1

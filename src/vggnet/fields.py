@@ -21,16 +21,17 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, choices: tuple | None = None,
            metavar: str | None = None, positional: bool | str = False, cli: bool = True,
-           group: str | None = None) -> Any:
+           group: str | None = None, flag: str | None = None) -> Any:
     """A dataclass field with command-line metadata.
 
     ``default`` omitted: the option is required. ``positional``: True for a positional
     argument, or its argparse nargs ("?", "+"). ``cli=False``: not an option (set by the
-    program). ``group``: the heading it is listed under in ``--help``. Mutable defaults (a
+    program). ``group``: the heading it is listed under in ``--help``. ``flag``: the option's
+    name where the field's cannot be it (``--from``: a Python keyword). Mutable defaults (a
     list, a dict) are not allowed: use a tuple.
     """
     meta = {"help": help, "choices": choices, "metavar": metavar, "positional": positional,
-            "cli": cli, "group": group}
+            "cli": cli, "group": group, "flag": flag}
     return dataclasses.field(default=default, metadata=meta)
 
 

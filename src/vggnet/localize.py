@@ -51,10 +51,9 @@ from .boxes import (
 from .initialize import copy_matching_layers
 from .model import VGG, build, known_fields
 from .preprocess import Preprocessing
+from .protocol import FINETUNE, REGRESSIONS
 from .transforms import EvalTransform
 
-REGRESSIONS = ("single-class", "per-class")
-FINETUNE = ("all", "fc")  # fc: fc6, fc7 and the box regressor only (OverFeat's choice)
 STRIDE = 32  # input pixels between neighbouring locations of the dense output
 IOU_CORRECT = 0.5  # ILSVRC: a box is correct at IoU >= 0.5 with a ground-truth box
 REGRESSOR_STD = 1e-3  # fc8's initial weights (``init_regressor``)
@@ -197,10 +196,12 @@ def select(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return boxes[torch.arange(len(boxes), device=boxes.device), labels]
 
 
-def box_loss(output: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Euclidean loss of the ground-truth class's box: mean over the batch of half the squared
-    distance between (N, 4) encoded boxes."""
-    return 0.5 * (select(output, labels).float() - target.float()).pow(2).sum(1).mean()
+def box_loss(output: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+    """Euclidean loss of the ground-truth class's box: half the squared distance between
+    (N, 4) encoded boxes, its mean over the batch (or "sum")."""
+    per_image = 0.5 * (select(output, labels).float() - target.float()).pow(2).sum(1)
+    return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
 def dense_boxes(boxes: torch.Tensor, window: Window, crop: int) -> torch.Tensor:
@@ -351,6 +352,20 @@ class LocalisationResult:
     @property
     def error(self) -> float:
         return 100.0 * (1 - sum(self.correct) / len(self.correct)) if self.correct else float("nan")
+
+
+def load_localizer(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """(Localizer, the file's ``LoadedModel``: preprocessing, class names, metadata) from a
+    checkpoint or weights file alone: its "localisation" metadata says what fc8 regresses."""
+    from .weights import load_model
+
+    loaded = load_model(path, map_location)
+    raw = loaded.meta.get("localisation")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(path)!r} is not a localisation net (its metadata has no "
+                         "'localisation' entry); make one from a classifier with `vggnet "
+                         f"localize train --from {path}`")
+    return Localizer(loaded.model, LocalizerSpec.from_dict(raw)), loaded
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Trunk, WeightsLike, block_ends, resolve
+from .settings import STYLE_LAYERS  # Gatys et al.'s relu1_1 ... relu5_1
 
 DISTANCES = ("l1", "l2")
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")  # Gatys et al.
 LPIPS_EPS = 1e-10  # lpips.normalize_tensor's
 LPIPS_MEMBER = "lpips/weights/v0.1/vgg.pth"  # the linear layers' file inside the lpips wheel
 

@@ -33,7 +33,7 @@ from .protocol import centre_crop_resize
 from .runtime import Runtime, make_runtime
 from .settings import PredictSettings
 from .transforms import EvalTransform, chw
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, load_model, require_classifier
 
 
 @dataclass
@@ -187,7 +187,7 @@ def predict_command(s: PredictSettings) -> int:
     if s.out is not None:
         check_writable_output(s.out, "predictions", PREDICTION_SUFFIXES)
     paths = list_images(s.images)
-    loaded = load_model(s.weights)
+    loaded = require_classifier(load_model(s.weights), s.weights)
     calibration = list_images([s.int8]) if s.int8 else None
     preds = predict(loaded, paths, top=s.top, dense=s.dense, scales=s.scales,
                     runtime=make_runtime(s.device, s.precision), int8_calibration=calibration,

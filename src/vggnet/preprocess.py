@@ -58,6 +58,19 @@ class Preprocessing:
         b = -(lo * self.scale / (hi - lo) + torch.tensor(self.mean, device=device)) / std
         return a.view(1, 3, 1, 1), b.view(1, 3, 1, 1)
 
+    def describe(self) -> str:
+        """In words, e.g. "RGB in [0, 1], minus mean (0.485, 0.456, 0.406), divided by std
+        (0.229, 0.224, 0.225)"."""
+        def values(v):
+            return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+        text = f"{self.channel_order} in [0, {self.scale:g}]"
+        if any(self.mean):
+            text += f", minus mean {values(self.mean)}"
+        if any(s != 1 for s in self.std):
+            text += f", divided by std {values(self.std)}"
+        return text
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -12,7 +12,6 @@ does the cells (and trainings) that have no file yet.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -353,6 +352,7 @@ class Study:
                                   batch_size=self.preset.batch_size)
         self.crop = self.base.crop_size
         self.data = settings.data
+        self.data_dir = self.out / "data"  # the built-in dataset, when no --data
 
     # --- data ---
     def prepare_data(self) -> None:
@@ -364,7 +364,7 @@ class Study:
         if self.data is None:
             spec = SyntheticSpec(train_per_class=self.preset.train_per_class,
                                  val_per_class=self.preset.val_per_class)
-            self.data = str(self.out / "data")
+            self.data = str(self.data_dir)
             total = spec.count("train") + spec.count("val")
             fresh = self.s.progress and not is_made(self.data, spec)
             with progress_bar(total, "writing", enabled=fresh) as bar:
@@ -403,6 +403,8 @@ class Study:
                 scale=train_scale(job.scale, self.crop),
                 init_from=str(self.net_folder(job.init_from)) if job.init_from else None,
                 lr=self.base.lr * job.lr_factor, batch_norm=self.preset.batch_norm or None,
+                # every copied layer at this lr (job.lr_factor is already the paper's lr/10)
+                transfer_lr_factor=1.0 if job.init_from else None,
                 scan=False, **runtime,
                 epochs=self.preset.epochs if first_stage else self.preset.finetune_epochs)
             self.log(f"[{job.id}] training VGG {job.arch} at S={list(settings.scale)}"
@@ -533,14 +535,8 @@ class Study:
 
 
 def reproduce_command(s: StudySettings) -> int:
-    """``vggnet reproduce``: run (or, with the --out of an earlier study, resume) the study,
-    print the findings' verdicts."""
-    if s.out is None:
-        from .runlog import dated_folder
-
-        s = dataclasses.replace(s, out=str(dated_folder(Path("reproduce"), s.preset)))
-        print(f"study folder {s.out}; to resume it after an interruption, run the same command "
-              f"with --out {s.out}", flush=True)
+    """``vggnet reproduce`` (Tables 3-6): run (or, with the --out of an earlier study, resume)
+    the study, print the findings' verdicts."""
     report = Study(s).run()
     for f in findings(load_cells(s.out)):
         print(f"{f.verdict:>16}: {f.claim}")

@@ -27,8 +27,8 @@ import torch
 
 from .backbone import Trunk, WeightsLike, block_ends, resolve
 from .runtime import Runtime, make_runtime
+from .settings import POOLINGS, RETRIEVAL_SIZE, RetrieveSettings
 
-POOLINGS = ("mac", "spoc", "gem", "rmac")
 EPS = 1e-6  # cirtorch's, in gem's clamp and every L2 normalisation
 RMAC_OVERLAP = 0.4  # desired overlap of neighbouring regions
 RMAC_STEPS = (2, 3, 4, 5, 6, 7)  # region counts considered along the longer side
@@ -121,7 +121,7 @@ def rank(query: torch.Tensor, database: torch.Tensor,
 class DescriptorSettings:
     pool: str = "gem"
     p: float = 3.0  # GeM's power
-    size: int = 1024  # images shrunk to this longer side first (cirtorch's test size)
+    size: int = RETRIEVAL_SIZE  # images shrunk to this longer side first (cirtorch's test size)
     scales: tuple[float, ...] = (1.0,)  # e.g. (1, 2**-0.5, 0.5), cirtorch's multi-scale
     levels: int = 3  # R-MAC's region scales
 
@@ -265,3 +265,39 @@ def retrieve_files(weights: WeightsLike, queries: Sequence[str | os.PathLike],
         write_topk_csv(Path(out) / "topk.csv", qp, dp, sims, idx)
         contact_sheet(Path(out) / "contact_sheet.png", qp, dp, sims, idx)
     return result
+
+
+def descriptor_settings(pool: str, p: float, scales: Sequence[int] | None) -> DescriptorSettings:
+    """The command line's longer sides in pixels (e.g. 1024,724,512) as ``DescriptorSettings``:
+    shrink to the largest, then each scale as a factor of it."""
+    sides = tuple(scales or (RETRIEVAL_SIZE,))
+    if min(sides) < 16:
+        raise ValueError(f"--scales are longer image sides in pixels (e.g. 1024,724,512), got "
+                         f"{','.join(map(str, sides))}")
+    top = max(sides)
+    return DescriptorSettings(pool=pool, p=p, size=top, scales=tuple(q / top for q in sides))
+
+
+def report_skipped(skipped: Sequence[str]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} image(s):")
+        for line in skipped:
+            print(f"  {line}")
+
+
+def retrieve_command(s: RetrieveSettings) -> int:
+    """``vggnet retrieve``: rank, write, print each query's best match and the skipped."""
+    from .checkpoint import check_output_folder
+    from .image import list_images
+
+    check_output_folder(s.out, "retrieval")
+    queries, database = list_images([s.query]), list_images([s.database])
+    r = retrieve_files(s.weights, queries, database, s.out, s.k,
+                       descriptor_settings(s.pool, s.gem_p, s.scales),
+                       make_runtime(s.device, s.precision), s.progress)
+    for q, sims, idx in zip(r.queries, r.sims.tolist(), r.idx.tolist(), strict=True):
+        print(f"{q}: best {r.database[idx[0]]} ({sims[0]:.3f})")
+    print(f"wrote {Path(s.out) / 'topk.csv'} and {Path(s.out) / 'contact_sheet.png'} "
+          f"({len(r.queries)} queries x top {r.idx.shape[1]} of {len(r.database)})")
+    report_skipped(r.skipped)
+    return 0

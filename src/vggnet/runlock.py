@@ -81,7 +81,18 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> str | None:
+    def acquire(self, wait_s: float = 0.0) -> str | None:
+        """Take the lock, retrying for up to ``wait_s`` seconds while another holds it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._acquire()
+            except RunFolderLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _acquire(self) -> str | None:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, atomic_write
 
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_top1_err", "val_loss",
                   "val_top1_err", "val_top5_err", "images_per_s", "epoch_s", "bad_files",
@@ -17,27 +17,39 @@ METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_top1_err", "val_lo
 
 class RunLog:
     """The run folder: checkpoints, metrics (CSV, JSONL, TensorBoard), plots and the report.
-    Every write of a run goes through here; on ranks other than 0 every method does nothing."""
+    Every write of a run goes through here; on ranks other than 0 every method does nothing.
+
+    Nothing is written before the first write the run asks for (``save``, ``write_text``,
+    ``epoch``): a run that fails or is stopped while it starts leaves no files. The metrics
+    files are then rewritten from the checkpoint's history, so a resumed run has exactly one
+    row per finished epoch whatever happened after the last save, and every later row
+    rewrites them atomically (a kill never leaves half a row)."""
 
     def __init__(self, folder: Path, enabled: bool = True,
                  history: list[dict] | None = None) -> None:
         self.folder, self.enabled = folder, enabled
+        self.history = list(history or [])
         self.tb = None
         self.saved_at = time.perf_counter()  # when last.pt/best.pt were last written
-        if not enabled:
-            return
-        # metrics files are rewritten from the checkpoint's history, so a resumed run has
-        # exactly one row per finished epoch whatever happened after the last save
-        history = history or []
-        with open(folder / "metrics.csv", "w") as f:
-            f.write(",".join(METRIC_COLUMNS) + "\n")
-            f.writelines(self._csv_row(r) for r in history)
-        with open(folder / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(round_floats(r)) + "\n" for r in history)
-        from torch.utils.tensorboard import SummaryWriter
+        if enabled:  # imported now (a second), so that starting to write is quick
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(folder / "tensorboard"),
-                                purge_step=history[-1]["epoch"] + 1 if history else None)
+            self._writer = SummaryWriter
+
+    def _start(self) -> None:
+        """The metrics files from the history so far, and the TensorBoard writer (purging any
+        events after the history's last epoch)."""
+        if self.tb is not None:
+            return
+        self._write_metrics()
+        self.tb = self._writer(str(self.folder / "tensorboard"), purge_step=(
+            self.history[-1]["epoch"] + 1 if self.history else None))
+
+    def _write_metrics(self) -> None:
+        csv = ",".join(METRIC_COLUMNS) + "\n" + "".join(map(self._csv_row, self.history))
+        jsonl = "".join(json.dumps(round_floats(r)) + "\n" for r in self.history)
+        atomic_write(self.folder / "metrics.csv", lambda f: f.write(csv.encode()))
+        atomic_write(self.folder / "metrics.jsonl", lambda f: f.write(jsonl.encode()))
 
     @staticmethod
     def _csv_row(row: dict) -> str:
@@ -50,20 +62,23 @@ class RunLog:
 
     def save(self, name: str, checkpoint: dict) -> None:
         if self.enabled:
+            self._start()
             atomic_save(checkpoint, self.folder / name)
         self.saved_at = time.perf_counter()  # every rank keeps the same clock
 
     def write_text(self, name: str, text: str) -> None:
         if self.enabled:
-            (self.folder / name).write_text(text)
+            self._start()
+            atomic_write(self.folder / name, lambda f: f.write(text.encode()))
 
     def epoch(self, row: dict) -> None:
+        """One finished epoch's row: call it before saving that epoch's checkpoint, so that
+        after a kill the metrics are never behind last.pt (a row ahead is rewritten on resume)."""
         if not self.enabled:
             return
-        with open(self.folder / "metrics.csv", "a") as f:
-            f.write(self._csv_row(row))
-        with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(round_floats(row)) + "\n")
+        self._start()
+        self.history.append(row)
+        self._write_metrics()
         for key in ("lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
                     "val_top5_err", "images_per_s"):
             group = next((g for g in ("train", "val") if key.startswith(g)), "run")

@@ -12,7 +12,6 @@ maps about 100 times larger than torchvision's, and Gram differences 10^8 times)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,35 +21,8 @@ from tqdm import tqdm
 
 from .backbone import Trunk, WeightsLike
 from .image import load_rgb
-from .losses import STYLE_LAYERS, feature_distance, gram
-
-OPTIMIZERS = ("lbfgs", "adam")
-INITS = ("content", "noise")
-
-
-@dataclass(frozen=True)
-class StylizeSettings:
-    steps: int = 300  # optimiser iterations, one objective evaluation each
-    optimizer: str = "lbfgs"
-    size: int = 512  # longer side of the output (and of the style image as used)
-    content_layers: tuple[str, ...] = ("relu4_2",)
-    style_layers: tuple[str, ...] = STYLE_LAYERS
-    content_weight: float = 1.0
-    style_weight: float = 100.0
-    pool: str = "avg"
-    init: str = "content"
-    lr: float = 0.02  # Adam's step in pixel units of [0, 1]; L-BFGS uses 1 with its line search
-    seed: int = 0  # the noise start
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not isinstance(self.size, int) or self.size < 16:
-            raise ValueError(f"size must be an int >= 16 pixels, got {self.size!r}")
+from .losses import feature_distance, gram
+from .settings import StylizeCommand, StylizeSettings
 
 
 class _Objective:
@@ -76,12 +48,12 @@ class _Objective:
 
 
 def stylize(content: torch.Tensor, style: torch.Tensor, weights: WeightsLike,
-            settings: StylizeSettings = StylizeSettings(), progress: bool = True
+            settings: StylizeSettings | None = None, progress: bool = True
             ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """The stylised image (1, 3, H, W) in [0, 1] (content's size and device) and the loss
     history (one dict per step: content, style, total, weighted). ``content`` and ``style``:
     RGB (1, 3, H, W) in [0, 1]."""
-    s = settings
+    s = settings or StylizeSettings()
     layers = list(dict.fromkeys(s.content_layers + s.style_layers))
     trunk = Trunk(weights, layers, (0.0, 1.0), s.pool).to(content.device)
     objective = _Objective(trunk, s, content, style.to(content.device))
@@ -134,12 +106,33 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
 
 
 def stylize_files(content: str | os.PathLike, style: str | os.PathLike, weights: WeightsLike,
-                  out: str | os.PathLike, settings: StylizeSettings = StylizeSettings(),
+                  out: str | os.PathLike, settings: StylizeSettings | None = None,
                   device: str | torch.device = "cpu",
                   progress: bool = True) -> list[dict[str, float]]:
     """``stylize`` two image files (each at longer side ``settings.size``) into ``out``."""
+    settings = settings or StylizeSettings()
     c = read_image(content, settings.size).to(device)
     st = read_image(style, settings.size)
     image, history = stylize(c, st, weights, settings, progress)
     save_image(image, out)
     return history
+
+
+IMAGE_OUTPUTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def stylize_command(c: StylizeCommand) -> int:
+    """``vggnet stylize``: check the output first, stylize, say how far each term fell."""
+    from .checkpoint import check_writable_output
+    from .runtime import pick_device
+    from .weights import load_model
+
+    check_writable_output(c.out, "stylized image", IMAGE_OUTPUTS)
+    device = pick_device(c.device)
+    history = stylize_files(c.content, c.style, load_model(c.weights, device), c.out, c.settings,
+                            device, c.progress)
+    first, last = history[0], history[-1]
+    print(f"{len(history)} objective evaluations: content {first['content']:.4g} -> "
+          f"{last['content']:.4g}, style {first['style']:.4g} -> {last['style']:.4g}; "
+          f"wrote {c.out}")
+    return 0

@@ -55,10 +55,20 @@ from .model import VGG, VGGConfig, build, config_for
 from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
+from .runfolder import finished, hold_run_folder, repair_best, sigterm_stops
 from .runlog import RunLog, epoch_line, lr_changed
 from .runtime import Runtime, make_runtime, peak_memory
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
+from .transfer import (
+    FINE_TUNE_LR_FACTOR,
+    Transfer,
+    check_layer_name,
+    freeze,
+    frozen_layers,
+    param_groups,
+)
 from .transforms import ColorStats, EvalTransform, TrainTransform, compute_stats, device_batch
+from .weights import check_state_fits
 
 CHECKPOINT_FORMAT = "vggnet.checkpoint/1"
 
@@ -124,6 +134,7 @@ def _no_sync(model: nn.Module, last: bool):
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch],
              per_process_batch: int, runtime: Runtime, prep: Preprocessing, stats: ColorStats,
              scaler: torch.amp.GradScaler | None = None, poison: bool = False,
+             loss_fn: Callable | None = None,
              interruptible: AbstractContextManager | None = None) -> tuple[torch.Tensor, bool]:
     """One SGD step on this process's share of a global batch, in micro-batches.
 
@@ -131,9 +142,11 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     equals one on the whole batch (DDP then averages the processes' equal shares). A
     non-finite loss or gradient on any process skips the step on every process (one agreed
     flag), leaving weights and optimizer state as they were. ``poison`` makes the loss NaN
-    (fault injection). Returns (float64 sums [loss, top-1 hits, top-5 hits, images] on the
-    device, skipped).
+    (fault injection). ``loss_fn(output, labels, targets)`` -> (summed loss, top-1 hits,
+    top-5 hits) (``Task.loss``; default: the paper's classification). Returns (float64 sums
+    [loss, top-1 hits, top-5 hits, images] on the device, skipped).
     """
+    loss_fn = loss_fn or classification_loss
     micro_batches = list(micro_batches)
     optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
@@ -143,16 +156,16 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
             images = runtime.input(batch.images)
             labels = batch.labels.to(runtime.device, non_blocking=True)
             alpha = batch.alpha.to(runtime.device, non_blocking=True)
+            targets = None if batch.targets is None else batch.targets.to(runtime.device)
             x = device_batch(images, prep, alpha=alpha, stats=stats)
             with _no_sync(model, i == len(micro_batches) - 1):
                 with runtime.autocast():
-                    logits = model(x)
-                loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    output = model(x)
+                loss_sum, top1, top5 = loss_fn(output, labels, targets)
                 if poison:
                     loss_sum = loss_sum * float("nan")
                 loss = loss_sum / per_process_batch
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            top1, top5 = count_correct(logits.detach(), labels)
             totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
     finite = torch.isfinite(totals[0])
     if scaler is None:  # with fp16 the grad scaler itself skips steps whose gradients overflow
@@ -168,6 +181,14 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     else:
         optimizer.step()
     return totals, False
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The multinomial logistic loss summed over (N, classes) logits, and the top-1/top-5
+    hits (``targets``: unused, a classification sample has only its label)."""
+    return (F.cross_entropy(logits.float(), labels, reduction="sum"),
+            *count_correct(logits.detach(), labels))
 
 
 @torch.no_grad()
@@ -203,25 +224,10 @@ def validate(model: nn.Module, batches: Iterable[Batch], runtime: Runtime,
 
 
 # --- setting a run up: every check before any work --------------------------------------------
-def prepare_folder(out: Path, resuming: bool) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write to the output folder {str(out)!r} ({type(e).__name__}: "
-                         f"{e.strerror or e}); choose another --out") from None
-    if not resuming and (out / "last.pt").exists():
-        raise ValueError(f"{str(out)!r} already holds a run (last.pt); continue it with "
-                         f"`vggnet train --resume {out}`, or choose another --out")
-    return out
-
-
 def prepare_data(s: TrainSettings, info: distributed.DistInfo,
                  say: Callable[[str], None] = print) -> tuple[Dataset, list[BadFile]]:
     """List the dataset (layout errors raise here), scan every file, refuse or skip bad ones."""
-    dataset = open_dataset(s.data, s.val_labels)
+    dataset = open_dataset(s.data, s.val_labels, s.val_split, s.split_seed)
     bad: list[BadFile] = []
     if s.scan:
         t = time.perf_counter()
@@ -262,9 +268,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def init_from(model: VGG, source: str | os.PathLike) -> tuple[str, dict]:
+class Initialised(NamedTuple):
+    """What ``init_from`` did: its summary, the source's metadata, the layers it copied, and
+    whether that was the paper's stage chaining (net A into a deeper net)."""
+
+    summary: str
+    meta: dict
+    copied: list[str]
+    chained: bool
+
+
+def init_from(model: VGG, source: str | os.PathLike, new_head: bool = False) -> Initialised:
     """Stage chaining: net A into a deeper net (the paper's layers), anything else by matching
-    layer names and shapes. Returns (summary, the source's metadata)."""
+    layer names and shapes (``new_head``: never fc8, the classifier starts afresh)."""
     from .weights import read_file
 
     path = resolve_checkpoint(source)
@@ -272,12 +288,43 @@ def init_from(model: VGG, source: str | os.PathLike) -> tuple[str, dict]:
     src = VGGConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
     if src is not None and src.arch in ("A", "A-LRN") and model.config.arch not in ("A", "A-LRN"):
         copied = init_from_net_a(model, state)
-        return f"initialised from net A {path}: {', '.join(copied)} (the rest random)", meta
+        return Initialised(f"initialised from net A {path}: {', '.join(copied)} (the rest "
+                           "random)", meta, copied, True)
+    if new_head:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.fc8.")}
     report = copy_matching_layers(model, state)
     if not report.copied:
         raise ValueError(f"nothing in {str(path)!r} fits this {model.config.name} net:\n"
                          f"{report.summary()}")
-    return f"initialised from {path}:\n{report.summary()}", meta
+    head = "\nfc8: a new classifier" if new_head else ""
+    return Initialised(f"initialised from {path}:\n{report.summary()}{head}", meta,
+                       report.copied, False)
+
+
+def start_from(s: TrainSettings, model: VGG, log: RunLog) -> tuple[Transfer, dict]:
+    """``--init-from``: copy the layers, then say at which lr they train and which stay fixed
+    (``transfer``); returns that and the source's metadata."""
+    done = init_from(model, s.init_from, s.new_head)
+    log.message(done.summary)
+    factor = s.transfer_lr_factor
+    if factor is None:  # the paper: lr/10 from a trained net, the full lr for net A's layers
+        factor = 1.0 if done.chained else FINE_TUNE_LR_FACTOR
+    transfer = Transfer(str(s.init_from), tuple(done.copied), factor,
+                        frozen_layers(model, s.freeze_until, tuple(done.copied)))
+    log.message(transfer.describe())
+    return transfer, done.meta
+
+
+def run_preprocessing(ckpt: dict | None, source_meta: dict, stats: ColorStats) -> Preprocessing:
+    """The input convention: a resumed run's own; the source's when starting from trained
+    weights (they keep the convention they learnt with: torchvision's RGB [0, 1] mean/std,
+    Caffe's BGR 0-255 minus the mean pixel, ours); else the paper's, the training set's mean
+    RGB subtracted."""
+    if ckpt is not None and ckpt.get("preprocessing"):
+        return Preprocessing.from_dict(ckpt["preprocessing"])
+    if source_meta.get("preprocessing"):
+        return Preprocessing.from_dict(source_meta["preprocessing"])
+    return paper(stats.mean_rgb)
 
 
 def default_loader_workers() -> int:
@@ -301,10 +348,10 @@ def check_resumable(overrides: dict) -> dict:
     return given
 
 
-def settings_and_checkpoint(settings: TrainSettings | None, resume: str | os.PathLike | None,
-                            overrides: dict) -> tuple[TrainSettings, dict | None]:
-    """The settings of a new run (with its folder named), or of the run ``resume`` continues
-    (its checkpoint's, with ``overrides``) and that checkpoint."""
+def name_run(settings: TrainSettings | None, resume: str | os.PathLike | None
+             ) -> tuple[TrainSettings | None, Path | None]:
+    """A new run's folder named (default runs/MODEL-PRESET-DATE); a group that torchrun
+    restarted continues from its last.pt."""
     if resume is None and settings is not None:
         if settings.out is None:
             # under torchrun the run id is the same for every rank and every restart
@@ -313,18 +360,53 @@ def settings_and_checkpoint(settings: TrainSettings | None, resume: str | os.Pat
             settings = dataclasses.replace(settings, out=str(out))
         if distributed.restarted() and (Path(settings.out) / "last.pt").is_file():
             resume = Path(settings.out) / "last.pt"  # torchrun restarted the group: continue
+    if resume is None and settings is None:
+        raise ValueError("train() needs settings or resume")
+    return settings, None if resume is None else Path(resume)
+
+
+def checkpoint_path(resume: Path) -> Path:
+    """What --resume names: a run folder means its last.pt."""
+    return resume / "last.pt" if resume.is_dir() else resume
+
+
+def run_config(s: TrainSettings, num_classes: int) -> VGGConfig:
+    return config_for(s.model, num_classes=num_classes, batch_norm=s.batch_norm, width=s.width,
+                      crop_size=s.crop_size, dropout=s.dropout)
+
+
+def settings_and_checkpoint(settings: TrainSettings | None, resume: Path | None,
+                            overrides: dict) -> tuple[TrainSettings, dict | None]:
+    """The settings of a new run, or of the run ``resume`` continues (its checkpoint's, with
+    ``overrides``) and that checkpoint, its tensors checked against those settings' net."""
     if resume is None:
-        if settings is None:
-            raise ValueError("train() needs settings or resume")
         return settings, None
     given = check_resumable(overrides)
-    path = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
+    path = checkpoint_path(resume)
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a vggnet training checkpoint (format "
                          f"{ckpt.get('format')!r}); --resume takes a run folder or its last.pt")
-    return TrainSettings.from_dict({**ckpt["train_settings"], **given,
-                                    "out": str(path.parent)}), ckpt
+    s = TrainSettings.from_dict({**ckpt["train_settings"], **given, "out": str(path.parent)})
+    # a classifier is built from its settings; another task's net (localisation) from the
+    # config the checkpoint records
+    config = (run_config(s, len(ckpt["class_names"])) if "localisation" not in ckpt
+              else VGGConfig.from_dict(ckpt["model_config"]))
+    check_state_fits(config, ckpt["model"], repr(str(path)), "its training settings describe")
+    return s, ckpt
+
+
+def check_same_data(ckpt: dict, dataset: Dataset, root: str) -> None:
+    """A resumed run trains on the data it started with, wherever that is now (--data)."""
+    if ckpt["class_names"] != dataset.class_names:
+        raise ValueError(f"the dataset's classes changed since the checkpoint was written "
+                         f"({len(ckpt['class_names'])} then, {len(dataset.class_names)} in "
+                         f"{root!r} now); resume on the same data")
+    now = {"train": len(dataset.train), "val": len(dataset.val)}
+    if ckpt.get("images", now) != now:
+        raise ValueError(f"{root!r} holds {now['train']:,} training and {now['val']:,} "
+                         f"validation images; the run was trained on {ckpt['images']['train']:,}"
+                         f" and {ckpt['images']['val']:,}: resume on the same data (--data)")
 
 
 class Checked(NamedTuple):
@@ -339,35 +421,101 @@ class Checked(NamedTuple):
 
 
 def check_run(s: TrainSettings, ckpt: dict | None) -> Checked:
-    """Every check before anything is computed or written; a folder it created for nothing is
-    removed again."""
+    """Every check before anything is computed or written."""
     runtime = make_runtime(s.device, s.precision, s.channels_last, s.compile)
     if s.sync_bn and runtime.device.type != "cuda":
         raise ValueError("--sync-bn synchronises batch norm across GPUs (NCCL); it needs CUDA, "
                          f"this run is on {runtime.device}")
     info = distributed.init_distributed(runtime.device, s.dist_timeout_s)
-    folder = Path(s.out)
-    created = not folder.exists()
-    if info.is_main:
-        prepare_folder(folder, resuming=ckpt is not None)
     say = print if info.is_main else (lambda *a, **k: None)
-    try:
-        if ckpt is None and s.init_from:
-            resolve_checkpoint(s.init_from)
-        dataset, bad = prepare_data(s, info, say)
-        if ckpt is not None and ckpt["class_names"] != dataset.class_names:
-            raise ValueError(f"the dataset's classes changed since the checkpoint was written "
-                             f"({len(ckpt['class_names'])} then, {len(dataset.class_names)} "
-                             "now); resume on the same data")
-        micro, accum = distributed.split_batch(s.batch_size, info.world_size, s.micro_batch)
-        if len(dataset.train) < s.batch_size:
-            raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one "
-                             f"batch of {s.batch_size}; lower --batch-size")
-    except BaseException:
-        if created and info.is_main and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-        raise
+    if ckpt is None and s.init_from:
+        resolve_checkpoint(s.init_from)
+    dataset, bad = prepare_data(s, info, say)
+    if ckpt is not None:
+        check_same_data(ckpt, dataset, s.data)
+    if ckpt is not None and ckpt.get("split"):
+        from .split import check_split_record
+
+        check_split_record(ckpt["split"], dataset.val.samples, dataset.root)
+    if ckpt is None and s.freeze_until:  # the name; what was copied is checked on copying
+        check_layer_name(config_for(s.model, batch_norm=s.batch_norm), s.freeze_until)
+    micro, accum = distributed.split_batch(s.batch_size, info.world_size, s.micro_batch)
+    if len(dataset.train) < s.batch_size:
+        raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one "
+                         f"batch of {s.batch_size}; lower --batch-size")
     return Checked(runtime, info, dataset, bad, micro, accum)
+
+
+# --- what a run learns ------------------------------------------------------------------------
+class Task:
+    """What a run learns: the paper's classification. ``train`` asks it for the model, the
+    samples, each step's loss and the validation error that drives the schedule; a subclass
+    changes any of them and keeps the loop, checkpoints, resume and run folder
+    (``vggnet.localize_train.BoxTask``: box regression, validated by localisation error)."""
+
+    name = "classification"  # checkpoints of other tasks record theirs under "task"
+    command = "vggnet train"  # what continues such a run (with --resume)
+
+    def resumed(self, ckpt: dict) -> Task:
+        """The task of the run ``ckpt`` continues: this one, if it is of this kind."""
+        found = ckpt.get("task", "classification")
+        if found != self.name:
+            raise ValueError(f"that run trains {found}, not {self.name}; continue it with "
+                             f"`{ckpt.get('resume_with', 'vggnet train')} --resume RUN`")
+        return self
+
+    def build(self, s: TrainSettings, class_names: list[str], ckpt: dict | None,
+              log: RunLog) -> tuple[VGG, dict, Transfer | None]:
+        """The model (initialised, or from ``--init-from`` in a new run), the metadata of the
+        file it came from ({} if none) and the layers taken from it (``transfer``)."""
+        model = build(run_config(s, len(class_names)), init=s.init, seed=s.seed)
+        if ckpt is None and s.init_from:
+            transfer, source_meta = start_from(s, model, log)
+            return model, source_meta, transfer
+        transfer = Transfer.from_dict(ckpt["transfer"]) if ckpt and ckpt.get("transfer") else None
+        return model, {}, transfer
+
+    def preprocessing(self, stats: ColorStats, ckpt: dict | None = None,
+                      source_meta: dict | None = None) -> Preprocessing:
+        """What the net's input pixels are (``run_preprocessing``): a resumed run's own, the
+        source's when fine-tuning, else the paper's, minus the training set's mean RGB."""
+        return run_preprocessing(ckpt, source_meta or {}, stats)
+
+    def images(self, run: Run) -> tuple:
+        """(training samples keyed by (epoch, index), this process's validation samples)."""
+        s, c = run.settings, run.checked
+        train = TrainImages(c.dataset.train.samples,
+                            TrainTransform(s.scale, s.crop_size, s.flip, s.pca_std), seed=s.seed)
+        val = [c.dataset.val.samples[i] for i in distributed.shard(len(c.dataset.val), c.info)]
+        return train, EvalImages(val, EvalTransform(default_test_scale(s.scale), s.crop_size))
+
+    def wrap(self, model: VGG) -> nn.Module:
+        """The module that runs the weights in training and validation."""
+        return model
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor,
+             targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(summed loss, top-1 hits, top-5 hits) of a micro-batch (see ``sgd_step``)."""
+        return classification_loss(output, labels, targets)
+
+    def validate(self, state: TrainState, run: Run,
+                 progress: Callable[[int], None] | None = None) -> dict:
+        """"loss", "top1_err" (the schedule follows it), "top5_err", "images", "bad" and
+        optionally "extra" (more columns for the epoch's metrics row); ``progress(n)`` after
+        each batch of n images."""
+        return validate(state.net, make_loader(run.val_images, 2 * run.checked.micro,
+                                               run.workers, pin_memory=run.pin),
+                        run.runtime, run.prep, progress=progress)
+
+    def epoch_line(self, row: dict, epochs: int) -> str:
+        return epoch_line(row, epochs)
+
+    def report(self, result: TrainResult, run: Run) -> str:
+        return training_report(result, run)
+
+    def constants(self) -> dict:
+        """What checkpoints record about the task beside the run's constants."""
+        return {}
 
 
 # --- the run and its state ---------------------------------------------------------------------
@@ -377,28 +525,30 @@ class Run:
 
     settings: TrainSettings
     config: VGGConfig
-    stats: ColorStats  # mean RGB (subtracted) and colour PCA (the colour shift)
+    stats: ColorStats  # mean RGB and colour PCA (the colour shift)
     checked: Checked
     log: RunLog
+    task: Task = field(default_factory=Task)
+    prep: Preprocessing | None = None  # None: the task's (the paper's: mean RGB subtracted)
+    transfer: Transfer | None = None  # the layers taken from --init-from and how they train
 
     def __post_init__(self) -> None:
         s, c = self.settings, self.checked
-        self.prep = paper(self.stats.mean_rgb)
+        self.prep = self.prep or self.task.preprocessing(self.stats)
         self.folder = Path(s.out)
         self.runtime, self.info, self.dataset = c.runtime, c.info, c.dataset
-        self.steps_per_epoch = len(c.dataset.train) // s.batch_size
         self.workers = s.workers if s.workers is not None else default_loader_workers()
         self.pin = c.runtime.device.type == "cuda"
-        self.train_images = TrainImages(c.dataset.train.samples,
-                                        TrainTransform(s.scale, s.crop_size, s.flip, s.pca_std),
-                                        seed=s.seed)
-        val = [c.dataset.val.samples[i] for i in distributed.shard(len(c.dataset.val), c.info)]
-        self.val_images = EvalImages(val, EvalTransform(default_test_scale(s.scale), s.crop_size))
+        self.train_images, self.val_images = self.task.images(self)
+        self.steps_per_epoch = len(self.train_images) // s.batch_size
 
     def constants(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(),
                 "preprocessing": self.prep.to_dict(), "class_names": self.dataset.class_names,
-                "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict()}
+                "images": {"train": len(self.dataset.train), "val": len(self.dataset.val)},
+                "train_settings": self.settings.to_dict(), "stats": self.stats.to_dict(),
+                "transfer": self.transfer.to_dict() if self.transfer else None,
+                "split": self.dataset.split, **self.task.constants()}
 
     def describe(self) -> str:
         s, c, rt = self.settings, self.checked, self.runtime
@@ -407,7 +557,8 @@ class Run:
                 f"{len(self.dataset.train):,} images of {len(self.dataset.class_names)} classes, "
                 f"{rt.device} {rt.amp_dtype or 'fp32'}; batch {s.batch_size} = "
                 f"{self.info.world_size} process(es) x {c.accum} x {c.micro}; "
-                f"{self.steps_per_epoch} steps/epoch; {self.workers} loader worker(s)")
+                f"{self.steps_per_epoch} steps/epoch; {self.workers} loader worker(s); input "
+                f"{self.prep.describe()}")
 
 
 @dataclass
@@ -419,6 +570,7 @@ class EpochProgress:
     seconds: float = 0.0
     bad: list[str] = field(default_factory=list)  # files that failed to decode
     skipped: int = 0  # non-finite steps skipped
+    redrawn: int = 0  # random crops drawn again (a localisation crop that lost its box)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -450,11 +602,14 @@ class TrainState:
         """A fresh state around ``model`` (initialised): SGD with the recipe's settings."""
         s, rt = run.settings, run.runtime
         model.train()
+        if run.transfer is not None:  # before DDP and compile see which parameters train
+            freeze(model, run.transfer.frozen)
         if s.sync_bn and run.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = distributed.wrap_ddp(rt.prepare(model), run.info, rt.device, s.bucket_mb,
-                                   s.grad_compression)
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+        net = distributed.wrap_ddp(rt.prepare(run.task.wrap(model)), run.info, rt.device,
+                                   s.bucket_mb, s.grad_compression)
+        optimizer = torch.optim.SGD(param_groups(model, run.transfer), lr=s.lr,
+                                    momentum=s.momentum,
                                     weight_decay=s.weight_decay, **rt.optimizer_options())
         schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops,
                                    s.min_improvement)
@@ -494,18 +649,12 @@ class TrainState:
                 "best_top5_err": self.best_top5_err}
 
 
-def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
-              log: RunLog) -> tuple[Run, TrainState]:
-    """The model (initialised, or from ``--init-from``), the colour statistics (the
-    checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
-    dataset, info = checked.dataset, checked.info
-    config = config_for(s.model, num_classes=len(dataset.class_names), batch_norm=s.batch_norm,
-                        width=s.width, crop_size=s.crop_size, dropout=s.dropout)
-    model = build(config, init=s.init, seed=s.seed)
-    source_meta: dict = {}
-    if ckpt is None and s.init_from:
-        summary, source_meta = init_from(model, s.init_from)
-        log.message(summary)
+def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked, log: RunLog,
+              task: Task | None = None) -> tuple[Run, TrainState]:
+    """The model (``task.build``: initialised, or from ``--init-from``), the colour statistics
+    (the checkpoint's, the source's or computed), the run, and its state (fresh or restored)."""
+    dataset, info, task = checked.dataset, checked.info, task or Task()
+    model, source_meta, transfer = task.build(s, dataset.class_names, ckpt, log)
     if ckpt is not None:
         stats = ColorStats.from_dict(ckpt["stats"])
     elif source_meta.get("stats"):
@@ -522,7 +671,10 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
         log.message(f"mean RGB {[round(v, 2) for v in stats.mean_rgb]}, colour PCA eigenvalues "
                     f"{[f'{v:.2e}' for v in stats.eigval]} from {stats.images} training images "
                     f"({time.perf_counter() - t:.1f} s)")
-    run = Run(s, config, stats, checked, log)
+    prep = task.preprocessing(stats, ckpt, source_meta)
+    if ckpt is None and s.init_from and source_meta.get("preprocessing"):
+        log.message(f"input as {s.init_from} was trained: {prep.describe()}")
+    run = Run(s, model.config, stats, checked, log, task, prep, transfer)
     if ckpt is not None:
         state = TrainState.from_checkpoint(ckpt, run, model)
         log.message(f"resuming {run.folder} at epoch {state.epoch + 1}, step "
@@ -531,6 +683,8 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked,
     state = TrainState.create(run, model)
     torch.manual_seed(s.seed)  # dropout masks
     log.write_text("settings.json", json.dumps(s.to_dict(), indent=1) + "\n")
+    if checked.dataset.split:
+        log.write_text("split.json", json.dumps(checked.dataset.split, indent=1) + "\n")
     if checked.bad:
         log.write_text("bad_files.txt", "".join(f"{b}\n" for b in checked.bad))
     return run, state
@@ -558,7 +712,7 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch],
     totals, skipped = sgd_step(state.net, state.optimizer, micro_batches,
                                run.checked.micro * run.checked.accum, run.runtime, run.prep,
                                run.stats, state.scaler, poison=fault == "nan",
-                               interruptible=interruptible())
+                               loss_fn=run.task.loss, interruptible=interruptible())
     totals = distributed.all_reduce_sum(totals).tolist()
     state.skips = state.skips + 1 if skipped else 0
     if skipped:
@@ -576,6 +730,7 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch],
     p = state.progress
     p.totals = [a + b for a, b in zip(p.totals, totals, strict=True)]
     p.bad += [b for mb in micro_batches for b in mb.bad]
+    p.redrawn += sum(mb.redrawn for mb in micro_batches)
     state.epoch_step += 1
     state.step += 1
     return int(totals[3])
@@ -587,8 +742,8 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
     ``save_every_min``). True if a stop was requested: then ``last.pt`` holds the state after
     the last step."""
     s = run.settings
-    for group in state.optimizer.param_groups:
-        group["lr"] = state.schedule.lr
+    for group in state.optimizer.param_groups:  # copied layers may train at a fraction
+        group["lr"] = state.schedule.lr * group.get("lr_scale", 1.0)
     sampler = EpochSampler(len(run.train_images), s.batch_size, s.seed, state.epoch,
                            run.info.rank, run.info.world_size, start_step=state.epoch_step)
     batches = iter(make_loader(run.train_images, run.checked.micro, run.workers, sampler,
@@ -628,7 +783,7 @@ def save_stopped(state: TrainState, run: Run) -> None:
     run.log.save("last.pt", state.to_checkpoint(run))
     run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
                     f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
-                    f"vggnet train --resume {run.folder}")
+                    f"{run.task.command} --resume {run.folder}")
 
 
 def step_or_abandon(state: TrainState, run: Run, batches: Iterator[Batch],
@@ -682,9 +837,7 @@ def end_of_epoch(state: TrainState, run: Run, stop: StopRequest | None = None) -
                        enabled=run.settings.progress and run.info.is_main)
     try:
         with stop.interruptible() if stop is not None else nullcontext(), bar:
-            val = validate(state.net, make_loader(run.val_images, 2 * run.checked.micro,
-                                                  run.workers, pin_memory=run.pin),
-                           run.runtime, run.prep, progress=bar.update)
+            val = run.task.validate(state, run, progress=bar.update)
     except StepAbandoned:
         save_stopped(state, run)
         return "interrupted"
@@ -698,17 +851,18 @@ def end_of_epoch(state: TrainState, run: Run, stop: StopRequest | None = None) -
            "train_top1_err": 1 - top1 / n if n else math.nan, "val_loss": val["loss"],
            "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
            "images_per_s": n / max(p.seconds, 1e-9), "epoch_s": p.seconds,
-           "bad_files": len(bad), "skipped_steps": p.skipped, "event": event}
+           "bad_files": len(bad), "skipped_steps": p.skipped, "event": event,
+           **val.get("extra", {})}
     state.history.append(row)
     state.epoch, state.epoch_step, state.progress = state.epoch + 1, 0, EpochProgress()
     if event == "improved":
         state.best_top1_err, state.best_top5_err = val["top1_err"], val["top5_err"]
+    run.log.epoch(row)  # first: after a kill the metrics are never behind last.pt
     ckpt = state.to_checkpoint(run)
-    run.log.save("last.pt", ckpt)
+    run.log.save("last.pt", ckpt)  # then best.pt: runfolder.repair_best mends a kill between
     if event == "improved":
         run.log.save("best.pt", ckpt)
-    run.log.epoch(row)
-    run.log.message(epoch_line(row, run.settings.epochs) + (
+    run.log.message(run.task.epoch_line(row, run.settings.epochs) + (
         f"\n  decode failures this epoch (skipped):\n{format_bad(bad, 10)}" if bad else ""))
     if event == "stop":
         run.log.message(f"validation error stopped improving after {state.schedule.drops} lr "
@@ -719,7 +873,9 @@ def end_of_epoch(state: TrainState, run: Run, stop: StopRequest | None = None) -
 @dataclass
 class TrainResult:
     folder: Path
-    status: str  # "finished", "stopped" (plateau after the last lr drop), "interrupted"
+    # "finished", "stopped" (plateau after the last lr drop), "interrupted", or "already
+    # finished" (a resumed run that was finished: nothing done)
+    status: str
     epochs: int
     best_top1_err: float
     best_top5_err: float
@@ -728,22 +884,53 @@ class TrainResult:
 
 
 def train(settings: TrainSettings | None = None, resume: str | os.PathLike | None = None,
-          on_step: Callable[[int], None] | None = None, **overrides) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, task: Task | None = None,
+          **overrides) -> TrainResult:
     """Train (or, with ``resume`` = a run folder or its last.pt, continue a run exactly).
 
     ``overrides`` (``settings.RESUMABLE``: workers, progress, device, precision, ...) may
     change how a resumed run executes, never what it computes up to where it was going;
-    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step.
+    ``epochs`` may extend it. ``on_step(global_step)`` is called after each step. ``task``:
+    what the run learns (default: classification; a resumed run's must be of its kind). The
+    run folder is locked throughout (``runfolder``); resuming a finished run changes nothing.
     """
     t_start = time.perf_counter()
-    s, ckpt = settings_and_checkpoint(settings, resume, overrides)
+    settings, resume = name_run(settings, resume)
+    folder = Path(settings.out) if resume is None else checkpoint_path(resume).parent
+    with hold_run_folder(folder, resuming=resume is not None), sigterm_stops():
+        s, ckpt = settings_and_checkpoint(settings, resume, overrides)
+        task = (task or Task()).resumed(ckpt) if ckpt else task
+        done = None if ckpt is None else check_resumed(s, ckpt, checkpoint_path(resume))
+        return done or run_training(s, ckpt, on_step, t_start, task)
+
+
+def check_resumed(s: TrainSettings, ckpt: dict, path: Path) -> TrainResult | None:
+    """A resumed run's best.pt mended if a kill left it behind (main process); the run's
+    result, unchanged, if it is finished."""
+    main = distributed.env_info().is_main
+    note = repair_best(ckpt, path) if main else None
+    if note:
+        print(note, flush=True)
+    why = finished(s, ckpt)
+    if why is None:
+        return None
+    if main:
+        print(why, flush=True)
+    return TrainResult(path.parent, "already finished", ckpt["epoch"], ckpt["best_top1_err"],
+                       ckpt["best_top5_err"], 0.0, list(ckpt["metrics"]))
+
+
+def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], None] | None,
+                 t_start: float, task: Task | None = None) -> TrainResult:
+    """Check, set up, then alternate ``train_epoch`` and ``end_of_epoch``; the report at the
+    end."""
     checked = check_run(s, ckpt)
     log = RunLog(Path(s.out), enabled=checked.info.is_main,
                  history=list(ckpt["metrics"]) if ckpt else [])
     status = "finished"
     with distributed.leave_group_after():
         try:
-            run, state = start_run(s, ckpt, checked, log)
+            run, state = start_run(s, ckpt, checked, log, task)
             log.message(run.describe())
             log.saved_at = time.perf_counter()
             with StopRequest(abandon=checked.info.world_size == 1) as stop:
@@ -755,11 +942,14 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
                     if event in ("stop", "interrupted"):
                         status = "stopped" if event == "stop" else "interrupted"
                         break
+                    if state.epoch < s.epochs and stopped_after_epoch(state, run, stop):
+                        status = "interrupted"
+                        break
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
             if status != "interrupted":
                 log.plots(state.history, f"{run.folder.name}: {run.config.label}")
-                log.write_text("report.md", training_report(result, run))
+                log.write_text("report.md", run.task.report(result, run))
         finally:
             log.close()
     return result
@@ -779,11 +969,21 @@ def train_command(c: TrainCommand) -> int:
         result = train(make_settings(c.preset, **c.given))
     if result.status == "interrupted":
         return 130
-    if distributed.env_info().is_main:
+    if distributed.env_info().is_main and result.status != "already finished":
         print(f"{result.status} after {result.epochs} epoch(s), {result.seconds / 60:.1f} min: "
               f"best val top-1 error {100 * result.best_top1_err:.2f}%, top-5 "
               f"{100 * result.best_top5_err:.2f}%; run folder {result.folder} (report.md)")
     return 0
+
+
+def stopped_after_epoch(state: TrainState, run: Run, stop: StopRequest) -> bool:
+    """A stop requested during the epoch-end save ends the run here: the epoch's checkpoint
+    is saved already, so it costs no further step and no further save."""
+    stopped, = distributed.agree(stop.requested, device=run.runtime.device)
+    if stopped:
+        run.log.message(f"stopped after epoch {state.epoch}; {run.folder / 'last.pt'} holds its "
+                        f"end\nresume with: {run.task.command} --resume {run.folder}")
+    return stopped
 
 
 class StepAbandoned(BaseException):
@@ -867,8 +1067,8 @@ def training_report(r: TrainResult, run: Run) -> str:
         f"{s.weight_decay:g}, dropout {s.dropout}, batch {s.batch_size}, lr {s.lr:g} divided by "
         f"{1 / s.lr_factor:g} on validation plateaus (patience {s.lr_patience}, at most "
         f"{s.lr_drops} drops); S in [{s.scale[0]}, {s.scale[1]}], random crop, flip "
-        f"{'on' if s.flip else 'off'}, PCA colour shift std {s.pca_std}; mean RGB "
-        f"{[round(v, 1) for v in run.stats.mean_rgb]} subtracted",
+        f"{'on' if s.flip else 'off'}, PCA colour shift std {s.pca_std}; input "
+        f"{run.prep.describe()}" + (f"; {run.transfer.describe()}" if run.transfer else ""),
         f"- Run: {r.epochs} epoch(s), {r.status}, {drops} lr drop(s), {r.seconds / 60:.1f} min"
         + (f", {last['images_per_s']:.0f} training images/s in the last epoch" if last else ""),
         "",

@@ -4,6 +4,8 @@ A weights file is safetensors (tensors only, no code can run on load) whose head
 holds one JSON document under the key "vggnet":
     {"format": "vggnet.weights/1", "model_config": {...}, "preprocessing": {...},
      "class_names": [...] or null, "provenance": {...}}
+and, for a localisation net (``vggnet.localize``), "localisation": {"regression", "num_classes"}
+(fc8 then regresses boxes of the ``class_names`` objects instead of scoring them)
 and "checksum": {"algorithm": "sha256", "digest": ...} over the tensors and the rest of the
 metadata (integrity.py). Training checkpoints (``.pt``, see checkpoint.py) carry the same keys
 beside the optimizer state; ``load_model`` reads either. Whatever a file claims is checked
@@ -38,17 +40,21 @@ class LoadedModel:
 
 
 def save_weights(path: str | os.PathLike, model: VGG, preprocessing: Preprocessing,
-                 class_names: list[str] | None = None, provenance: dict | None = None) -> Path:
+                 class_names: list[str] | None = None, provenance: dict | None = None,
+                 localisation: dict | None = None) -> Path:
     """Write ``model`` as safetensors with its config, preprocessing, class names and the
-    checksum of all of it (integrity.py)."""
+    checksum of all of it (integrity.py). ``localisation``: a localisation net's
+    ``LocalizerSpec.to_dict()``, whose ``num_classes`` the class names then count."""
     from safetensors.torch import save
 
-    if class_names is not None and len(class_names) != model.config.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model with "
-                         f"{model.config.num_classes} classes")
+    classes = localisation["num_classes"] if localisation else model.config.num_classes
+    if class_names is not None and len(class_names) != classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {classes} classes")
     meta = {"format": WEIGHTS_FORMAT, "model_config": model.config.to_dict(),
             "preprocessing": preprocessing.to_dict(), "class_names": class_names,
             "provenance": provenance or {}}
+    if localisation:
+        meta["localisation"] = dict(localisation)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta[integrity.KEY] = integrity.record(integrity.metadata_content(meta, tensors))
     data = save(tensors, metadata={"vggnet": json.dumps(meta)})
@@ -173,6 +179,18 @@ def read_file(path: str | os.PathLike, *,
     return state, meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """What a weights file or checkpoint says about itself (model config, preprocessing, class
+    names, ...), with its model config checked; a safetensors file's tensors are not read."""
+    path = Path(path)
+    if file_kind(path) != "safetensors":
+        return read_file(path)[1]
+    meta, shapes = _safetensors_header(path)
+    check_state_fits(file_config(meta, repr(str(path))), shapes, repr(str(path)))
+    meta.pop(integrity.KEY, None)
+    return meta
+
+
 def _safetensors_header(path: Path) -> tuple[dict, dict[str, list[int]]]:
     """(vggnet metadata, {tensor name: shape}) from the header alone: no tensor data is read."""
     from safetensors import SafetensorError, safe_open
@@ -210,6 +228,17 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     rest = {k: v for k, v in meta.items()
             if k not in ("model_config", "preprocessing", "class_names")}
     return LoadedModel(model, prep, meta.get("class_names"), rest)
+
+
+def require_classifier(loaded: LoadedModel, source: str | os.PathLike) -> LoadedModel:
+    """``loaded`` if it scores classes; a localisation net (its outputs are boxes) is refused
+    with what to use instead."""
+    spec = loaded.meta.get("localisation")
+    if spec:
+        raise ValueError(f"{str(source)!r} is a localisation net ({spec.get('regression')} box "
+                         "regression), not a classifier; use `vggnet localize evaluate|predict` "
+                         "with it, or give a classifier")
+    return loaded
 
 
 def load_state_checked(model: VGG, state: dict[str, torch.Tensor],
