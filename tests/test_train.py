@@ -270,7 +270,8 @@ def test_metrics_files_round_floats(tmp_path):
 
     row = _row(1, 0.01, 1 - 0.769, "improved")
     row["val_top5_err"] = 100 * np.float32(0.231).item() / 100  # 0.23100000619888306
-    log = RunLog(tmp_path, history=[row])
+    log = RunLog(tmp_path)
+    log.epoch(row)  # the metrics files are written from the first row on
     log.close()
     csv_row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
     assert csv_row[5:9] == ["1.9", "0.231", "0.231", "123.457"]

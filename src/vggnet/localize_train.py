@@ -189,6 +189,9 @@ class BoxTask(Task):
 
     name = "localisation"
     command = "vggnet localize train"
+    plots = {"loss": ([("train", "train_loss"), ("val", "val_loss")], "Euclidean box loss"),
+             "error": ([("train boxes missed (IoU < 0.5)", "train_top1_err"),
+                        ("val protocol-1 error", "val_top1_err")], "error (%)")}
 
     def __init__(self, regression: str = "per-class", finetune: str = "all",
                  classifier: str | None = None, train_boxes: str | None = None,

@@ -86,14 +86,14 @@ class RunLog:
                                row[key], row["epoch"])
         self.tb.flush()
 
-    def plots(self, history: list[dict], title: str = "") -> list[Path]:
+    def plots(self, history: list[dict], title: str = "", what: dict | None = None) -> list[Path]:
         """loss.png, error.png and, when the lr changed, lr.png (``history_figures``)."""
         if not self.enabled or not history:
             return []
         import matplotlib.pyplot as plt
 
         out = []
-        for name, fig in history_figures(history, title).items():
+        for name, fig in history_figures(history, title, what).items():
             fig.savefig(self.folder / f"{name}.png")
             plt.close(fig)
             out.append(self.folder / f"{name}.png")
@@ -128,19 +128,27 @@ def round_floats(value, digits: int = 6):
     return value
 
 
-def history_figures(history: list[dict], title: str = "") -> dict:
-    """The run's plots as matplotlib figures: "loss" and "error" per epoch, and "lr" when the
-    lr changed (otherwise the loss plot's legend states it); each titled ``title`` (the run
-    and the net), with the epoch that best.pt holds marked."""
+# what a run's plots show: plot name -> ([(legend label, metrics column)], y-axis label); a
+# task names its own (``Task.plots``: a localisation run's loss and errors are not these)
+CLASSIFICATION_PLOTS = {
+    "loss": ([("train", "train_loss"), ("val", "val_loss")], "cross-entropy loss"),
+    "error": ([("train top-1", "train_top1_err"), ("val top-1", "val_top1_err"),
+               ("val top-5", "val_top5_err")], "error (%)"),
+}
+
+
+def history_figures(history: list[dict], title: str = "", what: dict | None = None) -> dict:
+    """The run's plots as matplotlib figures: "loss" and "error" per epoch (``what``:
+    ``CLASSIFICATION_PLOTS`` by default), and "lr" when the lr changed (otherwise the loss
+    plot's legend states it); each titled ``title`` (the run and the net), with the epoch
+    that best.pt holds marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     best = best_epoch(history)
-    plots = {"loss": ([("train", "train_loss"), ("val", "val_loss")], "cross-entropy loss"),
-             "error": ([("train top-1", "train_top1_err"), ("val top-1", "val_top1_err"),
-                        ("val top-5", "val_top5_err")], "error (%)")}
+    plots = dict(what or CLASSIFICATION_PLOTS)
     if lr_changed(history):
         plots["lr"] = ([("learning rate", "lr")], "learning rate")
     figures = {}

@@ -56,7 +56,7 @@ from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
 from .runfolder import finished, hold_run_folder, repair_best, sigterm_stops
-from .runlog import RunLog, epoch_line, lr_changed
+from .runlog import CLASSIFICATION_PLOTS, RunLog, epoch_line, lr_changed
 from .runtime import Runtime, make_runtime, peak_memory
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
 from .transfer import (
@@ -455,6 +455,7 @@ class Task:
 
     name = "classification"  # checkpoints of other tasks record theirs under "task"
     command = "vggnet train"  # what continues such a run (with --resume)
+    plots = CLASSIFICATION_PLOTS  # what the run's loss.png and error.png show
 
     def resumed(self, ckpt: dict) -> Task:
         """The task of the run ``ckpt`` continues: this one, if it is of this kind."""
@@ -615,7 +616,8 @@ class TrainState:
                                    s.min_improvement)
         scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
         for p in model.parameters():  # a Ctrl-C is handled mid-backward, at each weight's grad
-            p.register_hook(_signal_point)
+            if p.requires_grad:  # (--freeze-until's frozen layers get none)
+                p.register_hook(_signal_point)
         return cls(model, net, optimizer, schedule, scaler)
 
     @classmethod
@@ -948,7 +950,8 @@ def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], N
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
             if status != "interrupted":
-                log.plots(state.history, f"{run.folder.name}: {run.config.label}")
+                log.plots(state.history, f"{run.folder.name}: {run.config.label}",
+                          run.task.plots)
                 log.write_text("report.md", run.task.report(result, run))
         finally:
             log.close()
