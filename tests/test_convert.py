@@ -362,7 +362,9 @@ def test_sha256(tv_file, tmp_path):
 def test_convert_cli_writes_our_format(tv_file, tmp_path, capsys):
     out = tmp_path / "w.safetensors"
     assert main(["convert", str(tv_file), str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "reading, then writing: " in captured.err  # a progress bar
     assert "torchvision" in printed and "VGG D" in printed and "RGB" in printed
     loaded = load_model(out)
     assert loaded.class_names is None and loaded.model.config.num_classes == 10  # not ImageNet

@@ -198,3 +198,8 @@ def test_cli_data_make_and_check(tmp_path, capsys):
     assert "zero.jpg: empty file (0 bytes)" in out and "bomb.png: decompression bomb" in out
     assert main(["data", "check", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # the classes as every model trained on the data numbers them (sorted folder names)
+    assert main(["data", "make", str(tmp_path / "four"), "--train-per-class", "1",
+                 "--val-per-class", "1", "--classes", "4", "--min-side", "40", "--max-side",
+                 "48", "--workers", "1", "--no-progress"]) == 0
+    assert "4 classes, in class-index order: bar, disc, ring, square" in capsys.readouterr().out

@@ -206,7 +206,8 @@ def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
     assert rep.metrics["images"] == 7 and len(rep.parts) == 4
     files = ev.write_report(rep, tmp_path / "out")
     data = json.loads(open(files["json"]).read())
-    assert data["top1_err"] == rep.metrics["top1_err"] and data["scales"] == [[32, 40], [32, 40]]
+    assert data["top1_err"] == round(rep.metrics["top1_err"], 4)
+    assert data["scales"] == [[32, 40], [32, 40]]
     assert data["images_per_s"] > 0 and len(data["confusion"]) == 7
     rows = list(csv.DictReader(open(files["csv"])))
     assert [r["class"] for r in rows] == CLASSES + ["(all)"]
@@ -222,8 +223,8 @@ def test_evaluate_writes_json_csv_png_and_checks_classes(tmp_path):
     with pytest.raises(ValueError, match=r"different class names.*only in the first: "
                        r"\['c6'\].*only in the second: \['zebra'\]"):
         ev.evaluate([wa, wd], samples, CLASSES, device="cpu")
-    with pytest.raises(ValueError, match=r"dataset's classes differ .*only in the first: "
-                       r"\['zebra'\].*only in the second: \['c6'\]"):
+    with pytest.raises(ValueError, match=r"the dataset's class\(es\) \['c6'\] are not among the "
+                       r"7 classes of .*d.safetensors; evaluate on classes the model knows"):
         ev.evaluate([wd], samples, CLASSES, device="cpu")
     with pytest.raises(ValueError, match="test scale 20 is smaller than the crop size 32"):
         ev.evaluate([wa], samples, CLASSES, EvalSettings(scales=(20, 40)), device="cpu")
@@ -264,5 +265,64 @@ def test_cli_evaluates_a_dataset_and_reports_bad_files(tmp_path, capsys):
                  "class_names": ["a", "b", "zebra"]}, tmp_path / "other.pt")
     assert main(["evaluate", str(tmp_path / "other.pt"), "--data", str(root)]) == 2
     err = capsys.readouterr().err
-    assert "vggnet evaluate: error: the dataset's classes differ" in err
-    assert "'zebra'" in err and "'c'" in err
+    assert "vggnet evaluate: error: the dataset's class(es) ['c'] are not among the 3" in err
+
+
+def test_a_dataset_with_some_of_the_model_classes_is_scored_over_all_of_them(tmp_path):
+    """An ImageNet subset, say: evaluated on its classes, scored over all the model's, and
+    said so; per-class rows and the confusion matrix for its classes, plus "another class"."""
+    samples = [(p, label) for p, label in _images(tmp_path, [(40, 40)] * 12)]
+    subset = ["c4", "c1"]  # the dataset's classes (its own order), model indices 4 and 1
+    samples = [(p, i % 2) for i, (p, _) in enumerate(samples)]
+    said = []
+    rep = ev.evaluate([_weights(tmp_path)], samples, subset, EvalSettings(method="center",
+                      scales=(32,), flip=False, workers=0), device="cpu", precision="fp32",
+                      say=said.append)
+    assert rep.subset == [1, 4]
+    assert said == [ev.subset_note(CLASSES, [1, 4])] and "2 of the model's 7 classes" in said[0]
+    assert "scored over all 7" in ev.format_report(rep)
+    post, labels = rep.posteriors.posteriors[(0, "center")], rep.labels
+    assert labels.tolist() == [4, 1] * 6  # the model's indices of the dataset's classes
+    wrong = int((post.argmax(1) != labels).sum())  # over all 7 outputs
+    assert rep.metrics["top1_err"] == 100.0 * wrong / 12
+    assert [r["class"] for r in rep.metrics["per_class"]] == ["c1", "c4"]
+    cm = np.array(rep.metrics["confusion"])
+    assert cm.shape == (2, 3) and cm.sum() == 12 and cm.sum(1).tolist() == [6, 6]
+    assert cm[:, :2].trace() == 12 - wrong
+    assert rep.confusion_labels() == ["1 c1", "4 c4", "another class"]
+    files = ev.write_report(rep, tmp_path / "out")
+    assert json.loads(open(files["json"]).read())["evaluated_classes"] == ["c1", "c4"]
+
+
+def test_errors_are_exact_and_files_round_floats(tmp_path):
+    """769 of 1000 right is 23.1% error, not 23.100000619888306, in the report and its JSON."""
+    labels = torch.arange(1000) % 4
+    post = torch.nn.functional.one_hot(labels, 4).float()
+    post[769:] = post[769:].roll(1, dims=1)  # 231 wrong
+    s = ev.scores(post, labels, ["a", "b", "c", "d"])
+    assert s["top1_err"] == 23.1 and s["top5_err"] == 0.0
+    rep = ev.EvalReport(["x.pt"], "center", [[32]], False, 1, ["a", "b", "c", "d"], s,
+                        seconds=3.0)
+    text = open(ev.write_report(rep, tmp_path)["json"]).read()
+    assert '"top1_err": 23.1,' in text and '"images_per_s": 333.333,' in text
+
+
+def test_confusion_matrix_in_class_index_order_with_counts():
+    labels = ["0 zebra", "1 apple", "2 mango"]  # not alphabetical: the model's order
+    fig = ev.confusion_figure([[3, 1, 0], [0, 2, 0], [5, 0, 0]], labels, "run/best.pt")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == labels
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert sorted((t.get_position(), t.get_text()) for t in ax.texts) == [
+        ((0, 0), "3"), ((0, 2), "5"), ((1, 0), "1"), ((1, 1), "2")]
+    assert ax.get_title() == "run/best.pt"
+
+
+def test_evaluate_writes_a_new_folder_per_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = ev.default_out("runs/A-reduced-1/best.pt", "dense")
+    a.mkdir(parents=True)
+    b = ev.default_out("runs/A-reduced-1/best.pt", "dense")
+    assert a.parent == b.parent == tmp_path.joinpath("evaluation").relative_to(tmp_path)
+    assert a.name.startswith("A-reduced-1-dense-") and b != a and not b.exists()
+    assert ev.default_out("vgg16.safetensors", "center").name.startswith("vgg16-center-")

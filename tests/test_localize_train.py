@@ -315,3 +315,18 @@ def test_localisation_study_end_to_end_and_resumes(tmp_path, capsys):
         train_module.train = orig
     assert set(load_cells(out / "localisation")) == want
     assert (out / "localisation" / "cells" / "PCR-fc@256__p1.json").stat().st_mtime_ns == kept
+
+
+def test_a_localisation_run_plots_its_own_loss_and_error():
+    """loss.png and error.png of a localisation run name the Euclidean box loss and the
+    protocol-1 error, not classification's cross-entropy and top-5 (NaN there)."""
+    from vggnet.runlog import history_figures
+
+    rows = [{"epoch": e, "lr": 0.01, "train_loss": 1.0 / e, "val_loss": 2.0 / e,
+             "train_top1_err": 0.5, "val_top1_err": 0.6, "val_top5_err": float("nan"),
+             "event": "improved"} for e in (1, 2)]
+    figs = history_figures(rows, "D-loc", BoxTask.plots)
+    assert figs["loss"].axes[0].get_ylabel() == "Euclidean box loss"
+    labels = [t.get_text() for t in figs["error"].axes[0].get_legend().get_texts()]
+    assert labels == ["train boxes missed (IoU < 0.5)", "val protocol-1 error",
+                      "best.pt (epoch 2)"]

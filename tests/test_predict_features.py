@@ -2,6 +2,7 @@
 trigger known classes."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -87,7 +88,48 @@ def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "broken.jpg"), str(images["blue"]),
                  "--weights", str(weights)]) == 1
     captured = capsys.readouterr()
-    assert "broken.jpg" in captured.err and "blue [2]" in captured.out
+    assert "blue [2]" in captured.out and "broken.jpg" not in captured.out
+    assert re.search(r"1 of 2 file\(s\) could not be read:\n  \S*broken.jpg: \w", captured.err)
+
+
+def test_predict_takes_folders_and_writes_csv_or_json(colour_net, tmp_path, capsys):
+    """Folders are searched recursively; bad files are listed with their reasons (exit code 1)
+    and the predictions go to a CSV or JSON file with the usual permissions."""
+    import csv
+
+    weights, images = colour_net
+    (tmp_path / "photos" / "deeper").mkdir(parents=True)
+    for i, colour in enumerate(COLOURS):
+        _image(tmp_path / "photos" / ("deeper" if i else "") / f"{colour}.png", COLOURS[colour],
+               seed=i)
+    (tmp_path / "photos" / "deeper" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image: not listed")
+    args = ["predict", str(tmp_path / "photos"), "--weights", str(weights), "--top", "2"]
+    assert main(args + ["--out", str(tmp_path / "p.csv")]) == 1
+    captured = capsys.readouterr()
+    assert "3 image(s) classified: top 2 classes in" in captured.out
+    assert re.search(r"1 of 4 file\(s\) could not be read:\n  \S*deeper/broken.jpg: ",
+                     captured.err)
+    assert re.search(r"predicting: .*/4 \[\d\d:\d\d<", captured.err)  # a bar with ETA
+    rows = {r["path"].split("photos/")[1]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    assert set(rows) == {"red.png", "deeper/green.png", "deeper/blue.png", "deeper/broken.jpg"}
+    for colour, index in (("red", 0), ("green", 1), ("blue", 2)):
+        r = rows[colour + ".png"] if colour == "red" else rows[f"deeper/{colour}.png"]
+        assert (r["index_1"], r["class_1"], r["name_1"]) == (str(index), colour, colour)
+        assert float(r["probability_1"]) > 0.5 > float(r["probability_2"]) and r["error"] == ""
+    assert rows["deeper/broken.jpg"]["error"] and rows["deeper/broken.jpg"]["class_1"] == ""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "p.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert main(args + ["--out", str(tmp_path / "p.json"), "--dense", "--scales", "32,40"]) == 1
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["method"] == "dense" and data["scales"] == [32, 40]
+    red = next(p for p in data["predictions"] if p["path"].endswith("red.png"))
+    assert [t["class"] for t in red["top"]][:1] == ["red"] and len(red["top"]) == 2
+    assert set(red["top"][0]) == {"index", "class", "name", "probability"}
+    # a wrong output name is refused before any work
+    assert main(args + ["--out", str(tmp_path / "p.txt")]) == 2
+    assert "must end in .csv or .json" in capsys.readouterr().err
 
 
 @pytest.mark.cpu_sensitive
@@ -101,6 +143,9 @@ def test_feature_taps(colour_net, tmp_path):
         taps = {k: f.get_tensor(k) for k in f.keys()}
     assert [p.rsplit("/", 1)[-1] for p in meta["paths"]] == ["blue.png", "green.png", "red.png"]
     assert taps["relu1_1"].shape == (3, 4, 32, 32) and taps["relu2_1"].shape == (3, 8, 16, 16)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     # blue.png: the evaluation crop (shorter side 32, centre 32x32), the file's preprocessing
     # (mean RGB), conv1_1 + ReLU
     model = load_model(weights).model

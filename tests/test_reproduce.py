@@ -142,3 +142,25 @@ def test_study_files_are_written_atomically_with_fsync(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cells" / "x.json").read_text()) == {"cell": "x", "top1_err": 1.5}
     assert len(synced) >= 1  # the file (and its folder) reached the disk before the rename
     assert [p.name for p in (tmp_path / "cells").iterdir()] == ["x.json"]  # no temporary left
+
+
+def test_default_study_folder_is_new_per_run(tmp_path, monkeypatch, capsys):
+    """Without --out each study gets its own folder (reproduce/PRESET-DATE), never an earlier
+    one's; --out of an earlier study resumes it."""
+    from vggnet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    folders = []
+
+    def run(study):
+        folders.append(study.out)
+        study.out.mkdir(parents=True, exist_ok=True)
+        return study.out / "report.md"
+
+    monkeypatch.setattr(rp.Study, "run", run)
+    assert main(["reproduce"]) == 0 and main(["reproduce"]) == 0
+    assert len(set(folders)) == 2 and all(f.parent.name == "reproduce" for f in folders)
+    assert all(f.name.startswith("reduced-") for f in folders)
+    assert f"to resume it after an interruption, run the same command with --out {folders[0]}" \
+        in capsys.readouterr().out
+    assert main(["reproduce", "--out", str(folders[0])]) == 0 and folders[-1] == folders[0]

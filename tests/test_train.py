@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -12,7 +13,8 @@ from vggnet import preprocess
 from vggnet.checkpoint import load_checkpoint
 from vggnet.cli import main
 from vggnet.data import Batch
-from vggnet.model import create_model
+from vggnet.model import config_for, create_model
+from vggnet.runlog import history_figures, round_floats
 from vggnet.runtime import make_runtime
 from vggnet.settings import make_settings
 from vggnet.train import PlateauSchedule, init_from, sgd_step, train
@@ -137,14 +139,15 @@ def test_one_epoch_of_each_config(data, tmp_path, model):
 def test_run_folder_contents_and_stage_chaining(data, tmp_path):
     a = train(settings(data, tmp_path / "A", epochs=2))
     names = {p.name for p in (tmp_path / "A").iterdir()}
-    assert {"best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png", "lr.png",
+    assert {"best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "loss.png", "error.png",
             "report.md", "settings.json", "tensorboard"} <= names
+    assert "lr.png" not in names  # the lr never dropped: the loss plot says so
     events = (tmp_path / "A" / "tensorboard").iterdir()
     assert any(p.name.startswith("events.out.tfevents") for p in events)
     lines = (tmp_path / "A" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["epoch"] for r in rows] == [1, 2] and rows == a.history
-    assert "Training report: VGG A" in (tmp_path / "A" / "report.md").read_text()
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == round_floats(a.history)
+    assert "Training report: vgg11 (VGG A)" in (tmp_path / "A" / "report.md").read_text()
 
     deeper = create_model("D", num_classes=3, width=1 / 16, crop_size=32, seed=5)
     summary, meta, _, _ = init_from(deeper, tmp_path / "A")
@@ -235,3 +238,132 @@ def test_cli_train_and_resume_rules(data, tmp_path, capsys):
     assert "only --workers" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "2"]) == 0  # one more epoch
     assert "finished after 2 epoch(s)" in capsys.readouterr().out
+
+
+def _row(epoch, lr, val, event):
+    return {"epoch": epoch, "step": 3 * epoch, "lr": lr, "train_loss": 2.0 - 0.1 * epoch,
+            "train_top1_err": 0.8, "val_loss": 1.9, "val_top1_err": val, "val_top5_err": 0.2,
+            "images_per_s": 123.456789, "epoch_s": 1.0, "bad_files": 0, "skipped_steps": 0,
+            "event": event}
+
+
+def test_plots_name_the_run_mark_the_best_epoch_and_fold_a_constant_lr():
+    steady = [_row(1, 0.01, 0.7, "improved"), _row(2, 0.01, 0.6, "improved"),
+              _row(3, 0.01, 0.65, "kept")]
+    figs = history_figures(steady, "A-reduced-1: vgg11 (VGG A)")
+    assert set(figs) == {"loss", "error"}  # no lr.png: the lr never changed
+    for fig in figs.values():
+        ax = fig.axes[0]
+        assert ax.get_title() == "A-reduced-1: vgg11 (VGG A)"
+        best = [ln for ln in ax.get_lines() if ln.get_label() == "best.pt (epoch 2)"]
+        assert len(best) == 1 and list(best[0].get_xdata()) == [2, 2]
+    legend = [t.get_text() for t in figs["loss"].axes[0].get_legend().get_texts()]
+    assert "lr 0.01 throughout" in legend
+    dropped = steady + [_row(4, 0.001, 0.5, "improved")]
+    figs = history_figures(dropped, "x")
+    assert set(figs) == {"loss", "error", "lr"}
+    assert figs["lr"].axes[0].get_yscale() == "log"
+
+
+def test_metrics_files_round_floats(tmp_path):
+    from vggnet.runlog import RunLog
+
+    row = _row(1, 0.01, 1 - 0.769, "improved")
+    row["val_top5_err"] = 100 * np.float32(0.231).item() / 100  # 0.23100000619888306
+    log = RunLog(tmp_path)
+    log.epoch(row)  # the metrics files are written from the first row on
+    log.close()
+    csv_row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert csv_row[5:9] == ["1.9", "0.231", "0.231", "123.457"]
+    assert str(row["val_top5_err"]) == "0.23100000619888306"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["images_per_s"] == 123.457
+
+
+def test_a_bn_model_has_batch_norm_in_its_settings():
+    s = make_settings("reduced", model="vgg11_bn")
+    assert s.batch_norm is True and s.to_dict()["batch_norm"] is True
+    assert make_settings("reduced", model="A").batch_norm is False
+    assert config_for("vgg11_bn").label == "vgg11_bn (VGG A with batch norm)"
+    assert config_for("C").label == "VGG C" and config_for("A-LRN").label == "VGG A-LRN"
+
+
+def _interrupt_at(model_box, when):
+    """on_step callback: after step 4, a hook sends this process SIGINT during the next
+    step's backward pass ("backward") or during the first validation ("validation")."""
+    def hook(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def on_step(step):
+        model = model_box[0]
+        if when == "backward" and step == 4:
+            model.classifier.fc8.weight.register_hook(hook)
+        if when == "validation" and step == 3:  # the last step of epoch 1
+            model.features.conv2_1.register_forward_hook(
+                lambda m, i, o: None if m.training else hook())
+    return on_step
+
+
+@pytest.mark.parametrize("when", ["backward", "validation"])
+def test_first_ctrl_c_abandons_the_step_and_resume_stays_exact(data, tmp_path, monkeypatch,
+                                                               when, capsys):
+    """The first Ctrl-C does not wait for the step (or the validation) to end: it is abandoned,
+    last.pt holds the last finished step, and the resumed run ends bit-identical to an
+    uninterrupted one (batch norm statistics and dropout's RNG are put back)."""
+    from vggnet import train as train_module
+
+    kw = dict(epochs=2, micro_batch=4, scale=(32, 48), model="A_bn")
+    whole = train(settings(data, tmp_path / "whole", **kw))
+    box = []
+    build = train_module.build
+    monkeypatch.setattr(train_module, "build", lambda *a, **k: box.append(build(*a, **k))
+                        or box[-1])
+    cut = train(settings(data, tmp_path / "cut", **kw), on_step=_interrupt_at(box, when))
+    assert cut.status == "interrupted"
+    err = capsys.readouterr().err
+    assert "SIGINT: abandoning this step, saving the last finished one" in err
+    ck = load_checkpoint(tmp_path / "cut" / "last.pt")
+    # backward: step 5 abandoned mid-way; validation: epoch 1's steps kept, not validated
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == ((1, 1, 4) if when == "backward"
+                                                           else (0, 3, 3))
+    monkeypatch.setattr(train_module, "build", build)
+    resumed = train(resume=tmp_path / "cut")
+    assert resumed.status == "finished" and resumed.epochs == 2
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [r["val_loss"] for r in a["metrics"]] == [r["val_loss"] for r in b["metrics"]]
+    assert whole.best_top1_err == resumed.best_top1_err
+
+
+def test_the_first_step_estimates_time_and_memory(data, tmp_path, capsys):
+    train(settings(data, tmp_path / "run", epochs=2))
+    out = capsys.readouterr().out
+    assert out.count("first step: ") == 1
+    s = r"\d+(\.\d)? s"
+    assert re.search(rf"first step: {s} \(start-up included\): about {s} per epoch of 3 "
+                     rf"steps, about {s} for the 2 epoch\(s\) left at most .*; peak resident "
+                     r"memory \d+\.\d GiB", out)
+    assert out.index("first step: ") < out.index("epoch   1/2")
+
+
+def test_estimate_wording_and_the_preset_that_fits_a_cpu():
+    from vggnet.estimate import duration, first_step_estimate
+
+    assert [duration(s) for s in (0.42, 45, 720, 6660, 6 * 86400 + 3600 * 1 + 1200)] == [
+        "0.4 s", "45 s", "12 min", "1 h 51 min", "6 d 1 h"]
+    # the issue's case: 372 s a step, 19 steps an epoch, 74 epochs, 13.1 GB, on a CPU
+    text = first_step_estimate(372.0, 19, 74 * 19, 74, 13.1 * 1024, "resident memory", "cpu",
+                               "paper")
+    assert text.startswith("first step: 6 min (start-up included): about 1 h 58 min per epoch "
+                           "of 19 steps, about 6 d 1 h for the 74 epoch(s) left at most")
+    assert "peak resident memory 13.1 GiB" in text and "`--preset reduced`" in text
+    assert "`--preset reduced`" not in first_step_estimate(372.0, 19, 19, 1, 1024, "GPU memory",
+                                                           "cuda", "paper")
+    assert "even the reduced preset" in first_step_estimate(200.0, 19, 38, 2, 1024, "x", "cpu",
+                                                            "reduced")
+    assert "\n" not in first_step_estimate(1.0, 19, 19, 1, 1024, "x", "cpu", "paper")
+    # this project's 2-core CPU, 2026-12-03: VGG A, paper preset, built-in data, bf16: 83 s a
+    # step, 26 min an epoch, 1 d 8 h for 74 epochs: the preset that fits is named
+    assert "`--preset reduced`" in first_step_estimate(83.0, 19, 74 * 19, 74, 9216, "x", "cpu",
+                                                       "paper")

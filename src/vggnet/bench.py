@@ -36,7 +36,7 @@ from .engines import ENGINES
 from .info import summarize
 from .model import VGGConfig, build
 from .protocol import PRESETS
-from .runtime import Runtime, cpu_has_native_bf16, make_runtime
+from .runtime import Runtime, cpu_has_native_bf16, make_runtime, peak_rss_mib
 from .settings import BenchSettings
 
 
@@ -432,19 +432,6 @@ import json, sys
 from vggnet.bench import memory_probe
 print(json.dumps(memory_probe(*json.loads(sys.argv[1]))))
 """
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
-    getrusage's ru_maxrss would carry over the peak of the process that forked us."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def memory_probe(kind: str, which: str, config: dict, batch: int, device: str) -> dict:

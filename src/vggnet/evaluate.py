@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -307,36 +308,68 @@ def check_ensemble(models: Sequence[LoadedModel], names: Sequence[str]) -> list[
 
 def align_classes(model_classes: Sequence[str] | None, num_classes: int,
                   data_classes: Sequence[str], source: str) -> list[int]:
-    """Map dataset label -> model output index; the names must be the same set."""
+    """Map dataset label -> model output index. The dataset may hold a subset of the model's
+    classes (an ImageNet subset, say): it is scored over all of them. A class the model does
+    not know is an error naming it."""
     if model_classes is None:
         if len(data_classes) != num_classes:
             raise ValueError(f"{source} has {num_classes} outputs and no class names, but the "
                              f"dataset has {len(data_classes)} classes")
         return list(range(num_classes))
-    if sorted(model_classes) != sorted(data_classes) or len(model_classes) != len(data_classes):
-        raise ValueError(f"the dataset's classes differ from {source}'s: first = {source}, "
-                         f"second = the dataset: "
-                         f"{_differences(list(model_classes), list(data_classes))}")
     where = {c: i for i, c in enumerate(model_classes)}
+    unknown = [c for c in data_classes if c not in where]
+    if unknown:
+        few = f"{unknown[:10]}" + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ValueError(f"the dataset's class(es) {few} are not among the "
+                         f"{len(model_classes)} classes of {source}; evaluate on classes the "
+                         "model knows (all of them, or a subset)")
     return [where[c] for c in data_classes]
 
 
+def subset_note(class_names: Sequence[str], subset: Sequence[int] | None) -> str:
+    """One line saying that the dataset holds only some of the model's classes, and which."""
+    if subset is None:
+        return ""
+    from .imagenet import describe
+
+    shown = ", ".join(describe(class_names[i]) for i in subset[:10])
+    more = f", ... ({len(subset) - 10} more in results.json)" if len(subset) > 10 else ""
+    return (f"the dataset has {len(subset)} of the model's {len(class_names)} classes: scored "
+            f"over all {len(class_names)} (any other class predicted is wrong); per-class "
+            f"results and the confusion matrix for these: {shown}{more}")
+
+
 # --- metrics --------------------------------------------------------------------------------
-def scores(posteriors: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
-    """Top-1/top-5 error (%), per-class accuracy and the confusion matrix (rows: true class)."""
+def _percent(count: int | torch.Tensor, n: int) -> float:
+    """100 * count / n from the exact count (23.1, not 23.100000619888306)."""
+    return 100.0 * int(count) / n
+
+
+def scores(posteriors: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+           subset: Sequence[int] | None = None) -> dict:
+    """Top-1/top-5 error (%) over all C classes, per-class accuracy and the confusion matrix
+    (rows: true class, columns: predicted) for the classes ``subset`` (model indices; default
+    all), with one more column, "another class", when it is a true subset."""
     n, c = posteriors.shape
     top1, top5 = topk_correct(posteriors, labels, 1), topk_correct(posteriors, labels, 5)
     pred = posteriors.argmax(1)  # the confusion matrix: the lowest-index class of tied maxima
-    confusion = torch.bincount(labels * c + pred, minlength=c * c).view(c, c)
+    rows = list(range(c)) if subset is None else list(subset)
+    k = len(rows)
+    column = torch.full((c,), k, dtype=torch.long)  # predictions outside the subset: column k
+    column[torch.tensor(rows, dtype=torch.long)] = torch.arange(k)
+    confusion = torch.bincount(column[labels] * (k + 1) + column[pred],
+                               minlength=k * (k + 1)).view(k, k + 1)
+    if subset is None:
+        confusion = confusion[:, :k]
     per_class = []
-    for k, name in enumerate(class_names):
-        mask = labels == k
+    for i in rows:
+        mask = labels == i
         m = int(mask.sum())
-        per_class.append({"class": name, "images": m,
-                          "top1_acc": 100.0 * float(top1[mask].float().mean()) if m else None,
-                          "top5_acc": 100.0 * float(top5[mask].float().mean()) if m else None})
-    return {"images": n, "top1_err": 100.0 * (1 - float(top1.float().mean())) if n else math.nan,
-            "top5_err": 100.0 * (1 - float(top5.float().mean())) if n else math.nan,
+        per_class.append({"class": class_names[i], "images": m,
+                          "top1_acc": _percent(top1[mask].sum(), m) if m else None,
+                          "top5_acc": _percent(top5[mask].sum(), m) if m else None})
+    return {"images": n, "top1_err": _percent(n - top1.sum(), n) if n else math.nan,
+            "top5_err": _percent(n - top5.sum(), n) if n else math.nan,
             "per_class": per_class, "confusion": confusion.tolist()}
 
 
@@ -355,6 +388,7 @@ class EvalReport:
     device: str = "cpu"
     posteriors: Posteriors | None = None  # behind the metrics (not written out)
     labels: torch.Tensor | None = None  # (N_kept,) true classes in the models' class order
+    subset: list[int] | None = None  # the dataset's classes (model indices) if only some
 
     @property
     def images_per_s(self) -> float:
@@ -366,7 +400,18 @@ class EvalReport:
                 "flip": self.flip, "grid": self.grid, "device": self.device, **m,
                 "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
                 "seconds": self.seconds, "images_per_s": self.images_per_s, "parts": self.parts,
-                "class_names": self.class_names, "confusion": self.metrics["confusion"]}
+                "class_names": self.class_names, "confusion": self.metrics["confusion"],
+                **({"evaluated_classes": [self.class_names[i] for i in self.subset]}
+                   if self.subset is not None else {})}
+
+    def confusion_labels(self) -> list[str]:
+        """The confusion matrix's rows (and columns): "index name", in class-index order;
+        with a subset of the classes, a last column "another class"."""
+        from .imagenet import describe
+
+        rows = range(len(self.class_names)) if self.subset is None else self.subset
+        labels = [f"{i} {describe(self.class_names[i])}" for i in rows]
+        return labels + (["another class"] if self.subset is not None else [])
 
 
 def combine(posteriors: Posteriors, members: Sequence[int], passes: Sequence[str]) -> torch.Tensor:
@@ -377,9 +422,11 @@ def combine(posteriors: Posteriors, members: Sequence[int], passes: Sequence[str
 def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[str, int]],
              class_names: Sequence[str], settings: EvalSettings | None = None, *,
              device: str = "auto", precision: str = "auto",
-             models: Sequence[LoadedModel] | None = None, progress: bool = False) -> EvalReport:
+             models: Sequence[LoadedModel] | None = None, progress: bool = False,
+             say: Callable[[str], None] | None = None) -> EvalReport:
     """Evaluate one checkpoint, or an ensemble of several, on (path, label) samples, with the
-    protocol of ``settings`` (default: dense at the scale each was trained for, flips)."""
+    protocol of ``settings`` (default: dense at the scale each was trained for, flips).
+    ``say`` gets a line before the work when the dataset holds only some of the classes."""
     settings = settings or EvalSettings()
     names = [str(c) for c in checkpoints]
     if not names:
@@ -390,6 +437,9 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
     shared = check_ensemble(models, names)
     mapping = align_classes(shared, models[0].model.config.num_classes, class_names, names[0])
     out_names = shared or list(class_names)
+    subset = sorted(mapping) if len(mapping) < len(out_names) else None
+    if subset is not None and say is not None:
+        say(subset_note(out_names, subset))
     if settings.scales is not None:
         scales = [tuple(settings.scales)] * len(models)
     else:
@@ -407,32 +457,40 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], samples: Sequence[tuple[s
     if post.kept and (len(models) > 1 or len(settings.passes) > 1):
         for mi in members:
             for p in settings.passes:
-                s = scores(post.posteriors[(mi, p)], labels, out_names)
+                s = scores(post.posteriors[(mi, p)], labels, out_names, subset)
                 parts[f"{names[mi]} / {p}"] = {k: s[k] for k in ("top1_err", "top5_err", "images")}
     return EvalReport(names, settings.method, [list(q) for q in scales], settings.flip,
-                      settings.grid, out_names, scores(final, labels, out_names), parts,
-                      post.skipped, post.seconds, str(rt.device), post, labels)
+                      settings.grid, out_names, scores(final, labels, out_names, subset), parts,
+                      post.skipped, post.seconds, str(rt.device), post, labels, subset)
 
 
 def evaluate_command(c: EvaluateCommand) -> int:
     """``vggnet evaluate``: evaluate, print the report, write its files (--out checked
     first, so that a file or a read-only folder there costs no evaluation)."""
-    check_output_folder(c.out, "evaluation")
+    out = check_output_folder(c.out or default_out(c.checkpoints[0], c.protocol.method),
+                              "evaluation")
     samples, classes = list_eval_data(c.data, c.split, c.val_labels)
     report = evaluate(c.checkpoints, samples, classes, c.protocol, device=c.device,
-                      precision=c.precision, progress=c.progress)
+                      precision=c.precision, progress=c.progress, say=print)
     print(format_report(report))
-    files = write_report(report, c.out)
+    files = write_report(report, out)
     print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
     return 0
+
+
+def default_out(checkpoint: str, method: str) -> Path:
+    """A new folder per evaluation: evaluation/<run or file>-<method>-<date>."""
+    from .runlog import dated_folder
+
+    p = Path(checkpoint)
+    name = p.parent.name if p.stem in ("best", "last") and p.parent.name else p.stem
+    return dated_folder(Path("evaluation"), f"{name}-{method}")
 
 
 def list_eval_data(root: str | os.PathLike, split: str = "val",
                    val_labels=None) -> tuple[list, list[str]]:
     """(samples, class names) to evaluate on: ``split`` of a dataset with train/ and val/ (any
     layout ``data.open_dataset`` reads), or ``root`` itself as one folder per class."""
-    from pathlib import Path
-
     from .data import list_class_folders, open_dataset
 
     root = Path(root)
@@ -457,6 +515,8 @@ def format_report(report: EvalReport, max_classes: int = 30) -> str:
              + (f" ({len(r.skipped)} unreadable, skipped)" if r.skipped else "")
              + f"   {r.images_per_s:.1f} images/s",
              f"top-1 error: {m['top1_err']:.2f}%   top-5 error: {m['top5_err']:.2f}%"]
+    if r.subset is not None:
+        lines.insert(2, subset_note(r.class_names, r.subset))
     for name, e in r.parts.items():
         lines.append(f"  {name}: top-1 {e['top1_err']:.2f}%  top-5 {e['top5_err']:.2f}%")
     rows = m["per_class"]
@@ -482,13 +542,14 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, st
     """results.json, per_class.csv and confusion.png in ``out_dir``; returns their paths."""
     import csv
     import json
-    from pathlib import Path
+
+    from .runlog import round_floats
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "per_class.csv",
              "png": out / "confusion.png"}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=1))
+    paths["json"].write_text(json.dumps(round_floats(report.to_dict()), indent=1) + "\n")
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "images", "top1_acc", "top5_acc"])
@@ -496,18 +557,36 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, st
             w.writerow([x["class"], x["images"], _fmt(x["top1_acc"]), _fmt(x["top5_acc"])])
         m = report.metrics
         w.writerow(["(all)", m["images"], _fmt(100 - m["top1_err"]), _fmt(100 - m["top5_err"])])
-    plot_confusion(report.metrics["confusion"], report.class_names, paths["png"],
-                   title=f"{report.method}, top-1 error {report.metrics['top1_err']:.2f}%")
+    title = (f"{', '.join(_short(c) for c in report.checkpoints)}\n{report.method}, top-1 error "
+             f"{report.metrics['top1_err']:.2f}%")
+    plot_confusion(report.metrics["confusion"], report.confusion_labels(), paths["png"], title)
     return {k: str(v) for k, v in paths.items()}
 
 
+def _short(checkpoint: str) -> str:
+    """A checkpoint as its run folder and file name: "runs/A-.../best.pt" -> "A-.../best.pt"."""
+    p = Path(checkpoint)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
 def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.4f}"
+    return "" if v is None else f"{v:.4g}"
 
 
-def plot_confusion(confusion: list[list[int]], class_names: Sequence[str], path,
+def plot_confusion(confusion: list[list[int]], labels: Sequence[str], path,
                    title: str = "") -> None:
-    """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
+    """``confusion_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(confusion, labels, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_figure(confusion: list[list[int]], labels: Sequence[str], title: str = ""):
+    """The confusion matrix: true class down (``labels`` in their order: class index),
+    predicted across, coloured by the fraction of the true class, each cell's image count
+    written in it (up to 30 classes). A last column without a row is "another class"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,17 +595,21 @@ def plot_confusion(confusion: list[list[int]], class_names: Sequence[str], path,
     cm = np.asarray(confusion, dtype=np.float64)
     rows = cm.sum(1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    c = len(class_names)
-    size = min(16.0, 4.0 + 0.35 * c)
-    fig, ax = plt.subplots(figsize=(size, size))
+    r, c = cm.shape
+    size = min(16.0, 4.0 + 0.45 * c)
+    fig, ax = plt.subplots(figsize=(size, size * r / c + 0.5))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     if c <= 40:
-        ax.set_xticks(range(c), class_names, rotation=90)
-        ax.set_yticks(range(c), class_names)
+        ax.set_xticks(range(c), labels[:c], rotation=90)
+        ax.set_yticks(range(r), labels[:r])
+    if c <= 30:
+        for (i, j), n in np.ndenumerate(cm):
+            if n:
+                ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=8,
+                        color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

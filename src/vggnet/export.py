@@ -25,6 +25,7 @@ from torch import nn
 
 from .checkpoint import check_writable_output
 from .model import VGG
+from .progress import progress_bar
 from .settings import EXPORT_FORMATS, ExportSettings
 from .weights import LoadedModel
 
@@ -46,12 +47,42 @@ class ExportReport:
     max_abs_diff: dict[str, float]  # input shape "NxCxHxW" -> max |exported - PyTorch|
 
 
+def metadata(loaded: LoadedModel, dense: bool) -> dict:
+    """Everything a consumer of the exported graph needs, with no vggnet at hand: how to
+    resize and crop an image, how to turn its pixels into the graph's input, what the output
+    is, and the classes by name (docs/weights.md has a 15-line onnxruntime script using it)."""
+    from .imagenet import readable_name
+    from .protocol import centre_crop_resize
+
+    prep, crop = loaded.preprocessing, loaded.model.config.crop_size
+    a, b = prep.affine()
+    names = loaded.class_names or [str(i) for i in range(loaded.model.config.num_classes)]
+    return {
+        "format": "vggnet.export/1", "graph": "dense" if dense else "classifier",
+        "input": "image: float32 (N, 3, H, W), normalised as 'normalize' says; "
+                 + (f"any H, W >= {crop}" if dense else f"H = W = {crop}"),
+        "output": ("scores (N, classes, h, w): average over h and w, then soft-max (the "
+                   "paper's dense evaluation)" if dense
+                   else "logits (N, classes): soft-max gives the probabilities"),
+        "resize": {"shorter_side": centre_crop_resize(crop), "crop": crop,
+                   "rule": f"rescale the image so that its shorter side is "
+                           f"{centre_crop_resize(crop)} (the longer side rounded), bilinear "
+                           f"with antialiasing (Pillow's resize), then take the central "
+                           f"{crop}x{crop} crop, left = round((width - {crop}) / 2), likewise "
+                           "top" + ("; dense: the whole rescaled image, at any shorter side "
+                                    f">= {crop}" if dense else "")},
+        "normalize": {"channel_order": prep.channel_order, "scale": prep.scale,
+                      "mean": list(prep.mean), "std": list(prep.std),
+                      "rule": "pixels p in 0-255, channels in channel_order: x = (p * scale / "
+                              "255 - mean) / std (scale 255: 0-255 pixels; scale 1: [0, 1]), "
+                              "i.e. x = p * multiply + add",
+                      "multiply": a.flatten().tolist(), "add": b.flatten().tolist()},
+        "class_names": names, "class_labels": [readable_name(n) for n in names],
+        "model_config": loaded.model.config.to_dict(), "preprocessing": prep.to_dict()}
+
+
 def _metadata(loaded: LoadedModel, dense: bool) -> str:
-    return json.dumps({"format": "vggnet.export/1", "graph": "dense" if dense else "classifier",
-                       "input": "normalised image (N, C, H, W); see preprocessing",
-                       "model_config": loaded.model.config.to_dict(),
-                       "preprocessing": loaded.preprocessing.to_dict(),
-                       "class_names": loaded.class_names})
+    return json.dumps(metadata(loaded, dense))
 
 
 def check_shapes(model: VGG, dense: bool) -> list[tuple[int, ...]]:
@@ -126,16 +157,27 @@ def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> np.ndarr
 
 
 def export(loaded: LoadedModel, path: str | os.PathLike, fmt: str = "onnx", dense: bool = False,
-           tolerance: float = 1e-4, seed: int = 0) -> ExportReport:
+           tolerance: float = 1e-4, seed: int = 0, progress: bool = False) -> ExportReport:
     """Export, then check the graph against PyTorch on random inputs of ``check_shapes``; a
-    difference above ``tolerance`` (relative to the largest output) is an error."""
+    difference above ``tolerance`` (relative to the largest output) is an error.
+    ``progress``: a bar over the export and the checks."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
-    path = (export_onnx if fmt == "onnx" else export_torchscript)(loaded, path, dense)
     model = loaded.model
+    shapes = check_shapes(model, dense)
+    with progress_bar(1 + len(shapes), f"{fmt} export and checks", unit="step",
+                      enabled=progress) as bar:
+        path = (export_onnx if fmt == "onnx" else export_torchscript)(loaded, path, dense)
+        bar.update(1)
+        diffs = _check(path, fmt, model, dense, shapes, tolerance, seed, bar)
+    return ExportReport(path, diffs)
+
+
+def _check(path: Path, fmt: str, model: VGG, dense: bool, shapes: list[tuple[int, ...]],
+           tolerance: float, seed: int, bar) -> dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
     diffs = {}
-    for shape in check_shapes(model, dense):
+    for shape in shapes:
         x = torch.randn(shape, generator=gen)
         with torch.no_grad():
             ref = (model.forward_dense(x) if dense else model(x)).numpy()
@@ -150,7 +192,8 @@ def export(loaded: LoadedModel, path: str | os.PathLike, fmt: str = "onnx", dens
             raise RuntimeError(f"exported {fmt} graph differs from PyTorch by {diff:.3g} on input "
                                f"{shape} (tolerance {tolerance:g}); the file {str(path)!r} is "
                                "not usable")
-    return ExportReport(path, diffs)
+        bar.update(1)
+    return diffs
 
 
 def export_command(s: ExportSettings) -> int:
@@ -159,7 +202,8 @@ def export_command(s: ExportSettings) -> int:
     from .weights import load_model
 
     check_writable_output(s.out, f"{s.format} export")
-    report = export(load_model(s.weights), s.out, fmt=s.format, dense=s.dense)
+    report = export(load_model(s.weights), s.out, fmt=s.format, dense=s.dense,
+                    progress=s.progress)
     print(f"wrote {report.path} ({s.format}, {'dense' if s.dense else 'classifier'} graph)")
     for shape, diff in report.max_abs_diff.items():
         print(f"  checked on {shape}: max |{s.format} - PyTorch| = {diff:.2e}")

@@ -45,6 +45,12 @@ def describe(label: str) -> str:
     return f"{c.name} ({c.wnid})" if c else label
 
 
+def readable_name(label: str) -> str:
+    """The name alone: "n01440764" -> "tench"; other names unchanged."""
+    c = _by_wnid().get(label)
+    return c.name if c else label
+
+
 @cache
 def _by_wnid() -> dict[str, ImageNetClass]:
     return {c.wnid: c for c in imagenet_classes()}

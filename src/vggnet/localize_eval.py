@@ -195,8 +195,10 @@ def localize_evaluate_command(c: LocalizeEvaluateCommand) -> int:
     """``vggnet localize evaluate``: the table on stdout, results.json in --out."""
     from .checkpoint import check_output_folder
     from .evaluate import list_eval_data
+    from .runlog import dated_folder, round_floats
 
-    check_output_folder(c.out, "evaluation")
+    out = check_output_folder(c.out or dated_folder(Path("localisation"), "evaluation"),
+                              "evaluation")
     samples, class_names = list_eval_data(c.data, c.split, c.val_labels)
     boxed, note = boxed_samples(samples, class_names,
                                 box_file(c.data, c.split, c.boxes, "--boxes"))
@@ -211,11 +213,10 @@ def localize_evaluate_command(c: LocalizeEvaluateCommand) -> int:
         rows = protocol2_rows(members, default_rows(members, c.scales), boxed, class_names, rt,
                               c.flip, c.threshold, c.progress)
     print(results_table(rows, c.protocol))
-    out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"protocol": c.protocol, "data": str(c.data), "split": c.split, "flip": c.flip,
               "threshold": c.threshold, "device": str(rt.device), "precision": rt.precision,
               "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(round_floats(result), indent=1) + "\n")
     print(f"wrote {out / 'results.json'}")
     return 0

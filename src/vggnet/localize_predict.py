@@ -99,10 +99,12 @@ def localize_predict_command(c: LocalizePredictCommand) -> int:
     """``vggnet localize predict``: the guesses on stdout and one PNG per image; an image
     that cannot be read is reported on stderr and the exit code is 1."""
     from .checkpoint import check_output_folder
+    from .runlog import dated_folder
 
     if c.top < 1:
         raise ValueError(f"--top must be at least 1, got {c.top}")
-    check_output_folder(c.out, "predictions")
+    out = check_output_folder(c.out or dated_folder(Path("localisation"), "predictions"),
+                              "predictions")
     rt = make_runtime(c.device, c.precision)
     member = load_member(c.weights, c.classifier, rt.device, with_classifier=True)
     scales = list(c.scales or [member.scale])
@@ -113,7 +115,7 @@ def localize_predict_command(c: LocalizePredictCommand) -> int:
     for path in list_images(c.images):
         try:
             guesses = predict_boxes(member, path, scales, rt, c.flip, c.top)
-            png = draw_guesses(path, guesses, output_name(Path(c.out), path, taken))
+            png = draw_guesses(path, guesses, output_name(out, path, taken))
         except BadImageError as e:
             failed += 1
             print(f"vggnet localize predict: error: {e}", file=sys.stderr)

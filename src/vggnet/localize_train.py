@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +132,7 @@ def as_list(items: list) -> list:
 # --- validation: protocol 1 with the run's net --------------------------------------------------
 @torch.no_grad()
 def validate_boxes(net: nn.Module, batches, class_names: Sequence[str], runtime: Runtime,
-                   prep: Preprocessing) -> dict:
+                   prep: Preprocessing, progress: Callable[[int], None] | None = None) -> dict:
     """Protocol 1 over ``CentralCrops`` batches (summed over processes): "top1_err" the
     fraction of images whose true class's box has IoU < 0.5 with all of its ground-truth
     boxes; "loss" the Euclidean loss against the box a training crop in the same place would
@@ -158,6 +158,8 @@ def validate_boxes(net: nn.Module, batches, class_names: Sequence[str], runtime:
                 sums[0] += 0.5 * float((box - target).pow(2).sum())
                 sums[1] += 1
         sums[3] += len(items)
+        if progress is not None:
+            progress(len(items))
     net.train(was_training)
     loss_sum, n_loss, correct, n = distributed.all_reduce_sum(sums.to(runtime.device)).tolist()
     if n == 0:
@@ -187,6 +189,9 @@ class BoxTask(Task):
 
     name = "localisation"
     command = "vggnet localize train"
+    plots = {"loss": ([("train", "train_loss"), ("val", "val_loss")], "Euclidean box loss"),
+             "error": ([("train boxes missed (IoU < 0.5)", "train_top1_err"),
+                        ("val protocol-1 error", "val_top1_err")], "error (%)")}
 
     def __init__(self, regression: str = "per-class", finetune: str = "all",
                  classifier: str | None = None, train_boxes: str | None = None,
@@ -265,12 +270,14 @@ class BoxTask(Task):
                 >= IOU_CORRECT).sum()
         return loss_sum, hits, hits
 
-    def validate(self, state: TrainState, run: Run) -> dict:
+    def validate(self, state: TrainState, run: Run,
+                 progress: Callable[[int], None] | None = None) -> dict:
         s = run.settings
         crops = CentralCrops(run.val_images, EvalTransform(default_test_scale(s.scale),
                                                            s.crop_size))
         batches = make_loader(crops, 2 * run.checked.micro, run.workers, collate_fn=as_list)
-        val = validate_boxes(state.net, batches, run.dataset.class_names, run.runtime, run.prep)
+        val = validate_boxes(state.net, batches, run.dataset.class_names, run.runtime, run.prep,
+                             progress)
         return {**val, "extra": {"redrawn": state.progress.redrawn}}
 
     def epoch_line(self, row: dict, epochs: int) -> str:

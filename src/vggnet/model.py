@@ -142,6 +142,16 @@ class VGGConfig:
     def name(self) -> str:
         return self.arch + ("_bn" if self.batch_norm else "")
 
+    @property
+    def label(self) -> str:
+        """The net as people name it, the same in help texts, messages and reports:
+        "vgg11_bn (VGG A with batch norm)", "VGG A-LRN"."""
+        bn = " with batch norm" if self.batch_norm else ""
+        alias = next((a for a, arch in ALIASES.items() if arch == self.arch), None)
+        if alias is None:
+            return f"VGG {self.arch}{bn}"
+        return f"{alias}{'_bn' if self.batch_norm else ''} (VGG {self.arch}{bn})"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

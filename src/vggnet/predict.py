@@ -16,14 +16,19 @@ Images are read with the evaluation transform of the data pipeline (``transforms
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .image import BadImageError, list_images
+from .progress import progress_bar
 from .protocol import centre_crop_resize
 from .runtime import Runtime, make_runtime
 from .settings import PredictSettings
@@ -87,9 +92,10 @@ def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike],
 def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 5,
             dense: bool = False, scales: Sequence[int] | None = None, batch_size: int = 16,
             runtime: Runtime | None = None,
-            int8_calibration: Sequence[str | os.PathLike] | None = None) -> list[Prediction]:
+            int8_calibration: Sequence[str | os.PathLike] | None = None,
+            progress: bool = False) -> list[Prediction]:
     """Top-k classes for each image file; an unreadable image gets an ``error``, not an
-    exception."""
+    exception. ``progress``: a bar with the time left."""
     crop = loaded.model.config.crop_size
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -109,13 +115,14 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
     whole = [EvalTransform(q, None) for q in scales]
     paths = [str(p) for p in paths]
     results: list[Prediction] = []
+    bar = progress_bar(len(paths), "predicting", enabled=progress)
     for start in range(0, len(paths), batch_size):
         decoded: list[tuple[Prediction, torch.Tensor | list[torch.Tensor]]] = []
         for path in paths[start:start + batch_size]:
             try:  # missing, empty, corrupt or huge files are reported, not raised
                 inputs = [chw(t(path)) for t in whole] if dense else chw(centre(path))
             except BadImageError as e:
-                results.append(Prediction(path, error=str(e)))
+                results.append(Prediction(path, error=e.reason))
                 continue
             results.append(Prediction(path))
             decoded.append((results[-1], inputs))
@@ -133,24 +140,71 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
                     probs = int8(loaded.preprocessing.normalize(pixels)).softmax(dim=1)
             for (pred, _), best in zip(decoded, top_k(probs, loaded.class_names, top), strict=True):
                 pred.top = best
+        bar.update(len(paths[start:start + batch_size]))
+    bar.close()
     return results
 
 
+PREDICTION_SUFFIXES = (".csv", ".json")
+
+
+def write_predictions(path: str | os.PathLike, predictions: Sequence[Prediction],
+                      about: dict) -> Path:
+    """``.csv``: one row per image (path, error, then index, class, name and probability of
+    each of the top k); ``.json``: ``about`` (weights, method, scales) and the predictions.
+    Written atomically, with the usual permissions."""
+    from .checkpoint import atomic_write
+    from .imagenet import readable_name
+    from .runlog import round_floats
+
+    path = Path(path)
+    k = max((len(p.top) for p in predictions), default=0)
+    rows = [{"path": p.path, "error": p.error or "",
+             "top": [{"index": i, "class": c, "name": readable_name(c), "probability": prob}
+                     for i, c, prob in p.top]} for p in predictions]
+    if path.suffix.lower() == ".json":
+        text = json.dumps(round_floats({**about, "predictions": rows}), indent=1) + "\n"
+    else:
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["path", "error"] + [f"{c}_{r}" for r in range(1, k + 1)
+                                        for c in ("index", "class", "name", "probability")])
+        for row in round_floats(rows):
+            top = [t[c] for t in row["top"] for c in ("index", "class", "name", "probability")]
+            w.writerow([row["path"], row["error"], *top] + [""] * (4 * k - len(top)))
+        text = out.getvalue()
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def predict_command(s: PredictSettings) -> int:
-    """``vggnet predict``: the top classes of each image on stdout; an image that cannot be
-    read is reported on stderr and the exit code is 1."""
+    """``vggnet predict``: the top classes of each image (files, and every image under the
+    folders given) on stdout, or with --out in a CSV or JSON file; the files that cannot be
+    read are listed on stderr with their reasons and the exit code is 1."""
+    from .checkpoint import check_writable_output
+    from .data import BadFile, format_bad
     from .imagenet import describe
 
+    if s.out is not None:
+        check_writable_output(s.out, "predictions", PREDICTION_SUFFIXES)
+    paths = list_images(s.images)
     loaded = require_classifier(load_model(s.weights), s.weights)
     calibration = list_images([s.int8]) if s.int8 else None
-    failed = 0
-    for pred in predict(loaded, s.images, top=s.top, dense=s.dense, scales=s.scales,
-                        runtime=make_runtime(s.device, s.precision), int8_calibration=calibration):
-        if pred.error:
-            failed += 1
-            print(f"vggnet predict: error: {pred.error}", file=sys.stderr)
-            continue
-        print(pred.path)
-        for rank, (index, name, prob) in enumerate(pred.top, 1):
-            print(f"  {rank}. {prob:7.2%}  {describe(name)} [{index}]")
-    return 1 if failed else 0
+    preds = predict(loaded, paths, top=s.top, dense=s.dense, scales=s.scales,
+                    runtime=make_runtime(s.device, s.precision), int8_calibration=calibration,
+                    progress=s.progress and len(paths) > 1)
+    bad = [BadFile(p.path, p.error) for p in preds if p.error]
+    if s.out is not None:
+        scales = list(s.scales or [centre_crop_resize(loaded.model.config.crop_size)])
+        about = {"weights": str(s.weights), "method": "dense" if s.dense else "centre crop",
+                 "scales": scales if s.dense else scales[:1]}
+        write_predictions(s.out, preds, about)
+        print(f"{len(preds) - len(bad)} image(s) classified: top {s.top} classes in {s.out}")
+    else:
+        for pred in (p for p in preds if not p.error):
+            print(pred.path)
+            for rank, (index, name, prob) in enumerate(pred.top, 1):
+                print(f"  {rank}. {prob:7.2%}  {describe(name)} [{index}]")
+    if bad:
+        print(f"vggnet predict: {len(bad)} of {len(preds)} file(s) could not be read:\n"
+              f"{format_bad(bad)}", file=sys.stderr)
+    return 1 if bad else 0

@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import atomic_write
 from .model import ARCHS
+from .progress import progress_bar
 from .protocol import PAPER_CROP, TRAIN_SCALES, train_scale
 from .settings import StudySettings, make_settings
 
@@ -358,15 +359,21 @@ class Study:
         """The built-in dataset unless --data; then one scan for bad files (training skips its
         own scan), refusing to start on bad files as training does."""
         from .data import check_dataset, format_bad, open_dataset
-        from .synthetic import SyntheticSpec, make_synthetic
+        from .synthetic import SyntheticSpec, is_made, make_synthetic
 
         if self.data is None:
             spec = SyntheticSpec(train_per_class=self.preset.train_per_class,
                                  val_per_class=self.preset.val_per_class)
             self.data = str(self.data_dir)
-            if make_synthetic(self.data, spec):
-                self.log(f"wrote the built-in dataset to {self.data}")
-        report = check_dataset(open_dataset(self.data))
+            total = spec.count("train") + spec.count("val")
+            fresh = self.s.progress and not is_made(self.data, spec)
+            with progress_bar(total, "writing", enabled=fresh) as bar:
+                if make_synthetic(self.data, spec, progress=bar.update):
+                    self.log(f"wrote the built-in dataset to {self.data}")
+        dataset = open_dataset(self.data)
+        with progress_bar(len(dataset.train) + len(dataset.val), "scanning",
+                          enabled=self.s.progress) as bar:
+            report = check_dataset(dataset, progress=bar.update)
         if report.bad:
             raise ValueError(f"{len(report.bad)} file(s) in {self.data!r} cannot be decoded; the "
                              f"study did not start:\n{format_bad(report.bad)}\nfix or remove them")
@@ -528,8 +535,8 @@ class Study:
 
 
 def reproduce_command(s: StudySettings) -> int:
-    """``vggnet reproduce`` (Tables 3-6): run (or resume) the study, print the findings'
-    verdicts."""
+    """``vggnet reproduce`` (Tables 3-6): run (or, with the --out of an earlier study, resume)
+    the study, print the findings' verdicts."""
     report = Study(s).run()
     for f in findings(load_cells(s.out)):
         print(f"{f.verdict:>16}: {f.claim}")

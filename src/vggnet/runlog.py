@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -46,12 +47,13 @@ class RunLog:
 
     def _write_metrics(self) -> None:
         csv = ",".join(METRIC_COLUMNS) + "\n" + "".join(map(self._csv_row, self.history))
-        jsonl = "".join(json.dumps(r) + "\n" for r in self.history)
+        jsonl = "".join(json.dumps(round_floats(r)) + "\n" for r in self.history)
         atomic_write(self.folder / "metrics.csv", lambda f: f.write(csv.encode()))
         atomic_write(self.folder / "metrics.jsonl", lambda f: f.write(jsonl.encode()))
 
     @staticmethod
     def _csv_row(row: dict) -> str:
+        row = round_floats(row)
         return ",".join("" if row.get(c) is None else str(row[c]) for c in METRIC_COLUMNS) + "\n"
 
     def message(self, text: str) -> None:
@@ -84,33 +86,14 @@ class RunLog:
                                row[key], row["epoch"])
         self.tb.flush()
 
-    def plots(self, history: list[dict]) -> list[Path]:
+    def plots(self, history: list[dict], title: str = "", what: dict | None = None) -> list[Path]:
+        """loss.png, error.png and, when the lr changed, lr.png (``history_figures``)."""
         if not self.enabled or not history:
             return []
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ep = [r["epoch"] for r in history]
         out = []
-        for name, series, ylabel, log in (
-            ("loss", [("train", "train_loss"), ("val", "val_loss")], "cross-entropy loss", False),
-            ("error", [("train top-1", "train_top1_err"), ("val top-1", "val_top1_err"),
-                       ("val top-5", "val_top5_err")], "error (%)", False),
-            ("lr", [("learning rate", "lr")], "learning rate", True),
-        ):
-            fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-            for label, key in series:
-                scale = 100 if name == "error" else 1
-                ax.plot(ep, [r[key] * scale for r in history], marker="o", ms=3, label=label)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(ylabel)
-            if log:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
+        for name, fig in history_figures(history, title, what).items():
             fig.savefig(self.folder / f"{name}.png")
             plt.close(fig)
             out.append(self.folder / f"{name}.png")
@@ -119,6 +102,84 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def dated_folder(parent: Path, name: str) -> Path:
+    """``parent/name-YYYYmmdd-HHMMSS``, a folder not there yet (``-2``, ``-3``, ... appended
+    when one is): default output folders are new per run and never overwrite an earlier one."""
+    base = parent / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+def round_floats(value, digits: int = 6):
+    """``value`` with every float rounded to ``digits`` significant digits, for files people
+    read (metrics.csv, results.json): 23.1, not 23.100000619888306. Checkpoints keep the
+    exact numbers."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: round_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(v, digits) for v in value]
+    return value
+
+
+# what a run's plots show: plot name -> ([(legend label, metrics column)], y-axis label); a
+# task names its own (``Task.plots``: a localisation run's loss and errors are not these)
+CLASSIFICATION_PLOTS = {
+    "loss": ([("train", "train_loss"), ("val", "val_loss")], "cross-entropy loss"),
+    "error": ([("train top-1", "train_top1_err"), ("val top-1", "val_top1_err"),
+               ("val top-5", "val_top5_err")], "error (%)"),
+}
+
+
+def history_figures(history: list[dict], title: str = "", what: dict | None = None) -> dict:
+    """The run's plots as matplotlib figures: "loss" and "error" per epoch (``what``:
+    ``CLASSIFICATION_PLOTS`` by default), and "lr" when the lr changed (otherwise the loss
+    plot's legend states it); each titled ``title`` (the run and the net), with the epoch
+    that best.pt holds marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_epoch(history)
+    plots = dict(what or CLASSIFICATION_PLOTS)
+    if lr_changed(history):
+        plots["lr"] = ([("learning rate", "lr")], "learning rate")
+    figures = {}
+    for name, (series, ylabel) in plots.items():
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        scale = 100 if name == "error" else 1
+        for label, key in series:
+            ax.plot([r["epoch"] for r in history], [r[key] * scale for r in history],
+                    marker="o", ms=3, label=label)
+        if best is not None:
+            ax.axvline(best, color="0.4", ls="--", lw=1, label=f"best.pt (epoch {best})")
+        if name == "lr":
+            ax.set_yscale("log")
+        elif name == "loss" and "lr" not in plots:
+            ax.plot([], [], " ", label=f"lr {history[0]['lr']:g} throughout")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
+def lr_changed(history: list[dict]) -> bool:
+    """Whether the lr ever dropped: then lr.png is drawn, else the loss plot states the lr."""
+    return len({r["lr"] for r in history}) > 1
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """The epoch best.pt holds: the last one whose validation error improved."""
+    return next((r["epoch"] for r in reversed(history) if r["event"] == "improved"), None)
 
 
 def epoch_line(row: dict, epochs: int) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -199,3 +200,24 @@ def make_runtime(device: str = "auto", precision: str = "auto", channels_last: b
     if channels_last is None:
         channels_last = True
     return Runtime(dev, amp, channels_last, compile)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
+    getrusage's ru_maxrss would carry over the peak of the process that forked us."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what): the peak of this process's memory so far on ``device``: CUDA memory
+    allocated by PyTorch on a GPU, the resident memory of the process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory"
+    return peak_rss_mib(), "resident memory"

@@ -50,8 +50,9 @@ def precision_option():
                   " else fp32; fp32 for full float32 numbers", choices=PRECISIONS)
 
 
-def progress_option():
-    return option(True, "progress bars with the time left, on stderr (--no-progress: none)")
+def progress_option(group: str | None = None):
+    return option(True, "progress bars with the time left, on stderr (--no-progress: none)",
+                  group=group)
 
 
 def weights_option():
@@ -71,7 +72,8 @@ class TrainSettings:
     val_labels: str | None = option(None, "labels file of a flat ImageNet val folder")
     # model
     model: str = option("A", MODEL_HELP, group="model")
-    batch_norm: bool = option(False, "batch norm after every conv", group="model")
+    batch_norm: bool = option(False, "batch norm after every conv (on for a _bn model)",
+                              group="model")
     width: float = option(1.0, "multiplies every conv and FC width", group="model")
     crop_size: int = option(224, "training crop (224 in the paper)", group="model")
     dropout: float = option(0.5, "dropout of fc6 and fc7", group="model")
@@ -136,8 +138,7 @@ class TrainSettings:
                         " are skipped as met)", group="runtime")
     save_every_min: float = option(30.0, "also save last.pt mid-epoch this often",
                                    group="runtime")
-    progress: bool = option(True, "progress bar with the time left (--no-progress: none)",
-                            group="runtime")
+    progress: bool = progress_option(group="runtime")
     # data parallelism (torchrun / --nproc): see distributed.py
     dist_timeout_s: float = option(600.0, "a collective waiting longer fails: a hung process "
                                    "cannot stall the run", group="data parallel (torchrun)")
@@ -154,7 +155,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         # the model's names are in model.py (torch); imported here, where settings are made,
         # not for --help. model.py imports nothing from this module.
-        from .model import config_for
+        from .model import config_for, resolve_name
 
         # the net's own checks (width, crop size, dropout), before anything is read or written
         config_for(self.model, batch_norm=self.batch_norm, width=self.width,
@@ -170,6 +171,8 @@ class TrainSettings:
             raise ValueError(f"scale must be [Smin, Smax] with crop_size ({self.crop_size}) <= "
                              f"Smin <= Smax, got {list(scale)}; the paper uses 256, 384 or "
                              "[256, 512] for crop 224")
+        if resolve_name(self.model)[1]:  # "vgg11_bn" has batch norm: say so in the settings
+            object.__setattr__(self, "batch_norm", True)
         if self.grad_compression not in GRAD_COMPRESSIONS:
             raise ValueError(f"grad_compression must be none, bf16 or fp16, got "
                              f"{self.grad_compression!r}")
@@ -239,8 +242,9 @@ def make_settings(preset: str = "paper", **overrides) -> TrainSettings:
 class TrainCommand:
     """Train with the paper's recipe (SGD momentum 0.9, weight decay 5e-4, dropout 0.5, batch
     256, lr 1e-2 divided by 10 on validation plateaus, scale augmentation, flips, PCA colour
-    shift). Options not given come from --preset. Ctrl-C or SIGTERM finishes the step, saves
-    last.pt and says how to resume. Data parallel: `vggnet train --nproc N ...` runs torchrun
+    shift). Options not given come from --preset. The first step prints the time per epoch
+    and the memory. Ctrl-C or SIGTERM abandons the step under way, saves the last finished
+    one as last.pt and says how to resume. Data parallel: `vggnet train --nproc N ...` runs torchrun
     (or run `torchrun --nproc-per-node N -m vggnet train ...` yourself); --batch-size stays the
     global batch."""
 
@@ -405,7 +409,8 @@ class EvaluateCommand:
     protocol: EvalSettings = nested("vggnet.settings:EvalSettings")
     device: str = device_option()
     precision: str = precision_option()
-    out: str = option("evaluation", "folder for results.json, per_class.csv, confusion.png")
+    out: str | None = option(None, "folder for results.json, per_class.csv, confusion.png "
+                             "(default: a new evaluation/CHECKPOINT-METHOD-DATE)")
     progress: bool = progress_option()
 
 
@@ -453,7 +458,8 @@ class StudySettings:
                          "protocol", choices=tuple(STUDY_PRESETS))
     data: str | None = option(None, "dataset with train/ and val/ (default: the built-in "
                               "dataset, written to OUT/data; the paper preset needs ImageNet)")
-    out: str = option("reproduce", "study folder")
+    out: str | None = option(None, "study folder; an earlier study's resumes it (default: a "
+                             "new reproduce/PRESET-DATE)")
     epochs: int | None = option(None, "epochs of each S=256 stage (default: the preset's)")
     finetune_epochs: int | None = option(None, "epochs of each S=384 and jittered stage")
     localizer_epochs: int | None = option(None, "localisation study: epochs of each "
@@ -499,8 +505,11 @@ class PredictSettings:
     convolutional net on whole images at each scale, averaged with the mirror image (the
     paper's dense evaluation)."""
 
-    images: tuple[str, ...] = option(positional="+", help="image files")
+    images: tuple[str, ...] = option(positional="+", help="image files or folders (searched "
+                                     "recursively)")
     weights: str = weights_option()
+    out: str | None = option(None, "write the predictions to a .csv or .json file (path, "
+                             "top classes with names, probabilities) instead of the screen")
     device: str = device_option()
     precision: str = precision_option()
     top: int = option(5, "classes listed per image")
@@ -513,6 +522,7 @@ class PredictSettings:
                               "images under DIR (representative ones, e.g. training images): "
                               "CPU, centre crop only; about 2x the bf16 speed, less exact "
                               "(docs/benchmarks.md)", metavar="DIR")
+    progress: bool = progress_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -574,6 +584,7 @@ class ConvertSettings:
     sha256: str | None = option(None, "expected SHA-256 of the input (full, or a prefix of >= 8 "
                                 "hex digits)")
     prototxt: str | None = option(None, "Caffe deploy .prototxt defining the net (optional)")
+    progress: bool = progress_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -586,6 +597,7 @@ class ExportSettings:
     format: str = option("onnx", "graph format", choices=EXPORT_FORMATS)
     dense: bool = option(False, "fully convolutional graph for any image size")
     out: str = option(help="output file")
+    progress: bool = progress_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -858,7 +870,8 @@ class LocalizeEvaluateCommand:
     batch_size: int = option(32, "protocol 1: crops per forward pass")
     device: str = device_option()
     precision: str = precision_option()
-    out: str = option("localisation", "folder for results.json")
+    out: str | None = option(None, "folder for results.json (default: a new "
+                             "localisation/evaluation-DATE)")
     progress: bool = progress_option()
 
 
@@ -878,6 +891,7 @@ class LocalizePredictCommand:
                                             "S)", metavar="Q1,Q2,...")
     flip: bool = option(False, "the mirror image too")
     top: int = option(5, "guesses per image (one class each)")
-    out: str = option("localisation-predictions", "folder for the PNGs")
+    out: str | None = option(None, "folder for the PNGs (default: a new "
+                             "localisation/predictions-DATE)")
     device: str = device_option()
     precision: str = precision_option()

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -49,14 +49,15 @@ from .data import (
     open_dataset,
     scan,
 )
+from .estimate import first_step_estimate
 from .initialize import copy_matching_layers, init_from_net_a
 from .model import VGG, VGGConfig, build, config_for
 from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
 from .runfolder import finished, hold_run_folder, repair_best, sigterm_stops
-from .runlog import RunLog, epoch_line
-from .runtime import Runtime, make_runtime
+from .runlog import CLASSIFICATION_PLOTS, RunLog, epoch_line, lr_changed
+from .runtime import Runtime, make_runtime, peak_memory
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
 from .transfer import (
     FINE_TUNE_LR_FACTOR,
@@ -133,7 +134,8 @@ def _no_sync(model: nn.Module, last: bool):
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch],
              per_process_batch: int, runtime: Runtime, prep: Preprocessing, stats: ColorStats,
              scaler: torch.amp.GradScaler | None = None, poison: bool = False,
-             loss_fn: Callable | None = None) -> tuple[torch.Tensor, bool]:
+             loss_fn: Callable | None = None,
+             interruptible: AbstractContextManager | None = None) -> tuple[torch.Tensor, bool]:
     """One SGD step on this process's share of a global batch, in micro-batches.
 
     Each micro-batch adds sum-of-losses / per_process_batch to the gradients, so the step
@@ -148,21 +150,23 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     micro_batches = list(micro_batches)
     optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
-    for i, batch in enumerate(micro_batches):
-        images = runtime.input(batch.images)
-        labels = batch.labels.to(runtime.device, non_blocking=True)
-        alpha = batch.alpha.to(runtime.device, non_blocking=True)
-        targets = None if batch.targets is None else batch.targets.to(runtime.device)
-        x = device_batch(images, prep, alpha=alpha, stats=stats)
-        with _no_sync(model, i == len(micro_batches) - 1):
-            with runtime.autocast():
-                output = model(x)
-            loss_sum, top1, top5 = loss_fn(output, labels, targets)
-            if poison:
-                loss_sum = loss_sum * float("nan")
-            loss = loss_sum / per_process_batch
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
+    # a stop may abandon the forward and backward passes (``interruptible``), never the update
+    with interruptible or nullcontext():
+        for i, batch in enumerate(micro_batches):
+            images = runtime.input(batch.images)
+            labels = batch.labels.to(runtime.device, non_blocking=True)
+            alpha = batch.alpha.to(runtime.device, non_blocking=True)
+            targets = None if batch.targets is None else batch.targets.to(runtime.device)
+            x = device_batch(images, prep, alpha=alpha, stats=stats)
+            with _no_sync(model, i == len(micro_batches) - 1):
+                with runtime.autocast():
+                    output = model(x)
+                loss_sum, top1, top5 = loss_fn(output, labels, targets)
+                if poison:
+                    loss_sum = loss_sum * float("nan")
+                loss = loss_sum / per_process_batch
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            totals += _sums(loss_sum.detach(), top1, top5, len(labels), runtime.device)
     finite = torch.isfinite(totals[0])
     if scaler is None:  # with fp16 the grad scaler itself skips steps whose gradients overflow
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -189,14 +193,17 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: Iterable[Batch], runtime: Runtime,
-             prep: Preprocessing) -> dict:
+             prep: Preprocessing, progress: Callable[[int], None] | None = None) -> dict:
     """Loss and top-1/top-5 error over ``batches`` (summed over processes). Images that failed
-    to decode (label -1) are left out and listed under "bad"."""
+    to decode (label -1) are left out and listed under "bad". ``progress(n)`` after each
+    batch of n images."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
     bad: list[str] = []
     for batch in batches:
+        if progress:
+            progress(len(batch.labels))
         bad.extend(batch.bad)
         keep = batch.labels >= 0
         if not keep.any():
@@ -224,8 +231,10 @@ def prepare_data(s: TrainSettings, info: distributed.DistInfo,
     bad: list[BadFile] = []
     if s.scan:
         t = time.perf_counter()
-        bad = distributed.broadcast_object(
-            scan(dataset.train.paths + dataset.val.paths) if info.is_main else None, info)
+        paths = dataset.train.paths + dataset.val.paths
+        with progress_bar(len(paths), "scanning", enabled=s.progress and info.is_main) as bar:
+            bad = distributed.broadcast_object(
+                scan(paths, progress=bar.update) if info.is_main else None, info)
         say(f"scanned {len(dataset.train) + len(dataset.val):,} files in "
             f"{time.perf_counter() - t:.1f} s: {len(bad)} bad")
     if bad and not s.skip_bad:
@@ -446,6 +455,7 @@ class Task:
 
     name = "classification"  # checkpoints of other tasks record theirs under "task"
     command = "vggnet train"  # what continues such a run (with --resume)
+    plots = CLASSIFICATION_PLOTS  # what the run's loss.png and error.png show
 
     def resumed(self, ckpt: dict) -> Task:
         """The task of the run ``ckpt`` continues: this one, if it is of this kind."""
@@ -489,12 +499,14 @@ class Task:
         """(summed loss, top-1 hits, top-5 hits) of a micro-batch (see ``sgd_step``)."""
         return classification_loss(output, labels, targets)
 
-    def validate(self, state: TrainState, run: Run) -> dict:
+    def validate(self, state: TrainState, run: Run,
+                 progress: Callable[[int], None] | None = None) -> dict:
         """"loss", "top1_err" (the schedule follows it), "top5_err", "images", "bad" and
-        optionally "extra" (more columns for the epoch's metrics row)."""
+        optionally "extra" (more columns for the epoch's metrics row); ``progress(n)`` after
+        each batch of n images."""
         return validate(state.net, make_loader(run.val_images, 2 * run.checked.micro,
                                                run.workers, pin_memory=run.pin),
-                        run.runtime, run.prep)
+                        run.runtime, run.prep, progress=progress)
 
     def epoch_line(self, row: dict, epochs: int) -> str:
         return epoch_line(row, epochs)
@@ -541,7 +553,7 @@ class Run:
 
     def describe(self) -> str:
         s, c, rt = self.settings, self.checked, self.runtime
-        return (f"training VGG {self.config.name} (width {s.width:g}, crop {s.crop_size}, S in "
+        return (f"training {self.config.label} (width {s.width:g}, crop {s.crop_size}, S in "
                 f"[{s.scale[0]}, {s.scale[1]}], Q={default_test_scale(s.scale)}) on "
                 f"{len(self.dataset.train):,} images of {len(self.dataset.class_names)} classes, "
                 f"{rt.device} {rt.amp_dtype or 'fp32'}; batch {s.batch_size} = "
@@ -584,6 +596,7 @@ class TrainState:
     best_top5_err: float = math.inf
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     skips: int = 0  # consecutive skipped steps; not saved (a resumed run counts afresh)
+    timed: bool = False  # the first step's estimate was printed; not saved
 
     @classmethod
     def create(cls, run: Run, model: VGG) -> TrainState:
@@ -602,6 +615,9 @@ class TrainState:
         schedule = PlateauSchedule(s.lr, s.lr_factor, s.lr_patience, s.lr_drops,
                                    s.min_improvement)
         scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
+        for p in model.parameters():  # a Ctrl-C is handled mid-backward, at each weight's grad
+            if p.requires_grad:  # (--freeze-until's frozen layers get none)
+                p.register_hook(_signal_point)
         return cls(model, net, optimizer, schedule, scaler)
 
     @classmethod
@@ -649,8 +665,11 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked, log: RunLog
                     f"{[round(v, 2) for v in stats.mean_rgb]}")
     else:
         t = time.perf_counter()
-        stats = distributed.broadcast_object(compute_stats(
-            dataset.train.paths, s.scale[0], s.stats_images) if info.is_main else None, info)
+        n = min(len(dataset.train), s.stats_images or len(dataset.train))
+        with progress_bar(n, "colour statistics", enabled=s.progress and info.is_main) as bar:
+            stats = distributed.broadcast_object(compute_stats(
+                dataset.train.paths, s.scale[0], s.stats_images, progress=bar.update)
+                if info.is_main else None, info)
         log.message(f"mean RGB {[round(v, 2) for v in stats.mean_rgb]}, colour PCA eigenvalues "
                     f"{[f'{v:.2e}' for v in stats.eigval]} from {stats.images} training images "
                     f"({time.perf_counter() - t:.1f} s)")
@@ -673,17 +692,29 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked, log: RunLog
     return run, state
 
 
+def _signal_point(grad: torch.Tensor) -> None:
+    """A gradient hook that does nothing: Python runs a pending signal handler only between
+    Python instructions, so without it a Ctrl-C would wait for the whole backward pass (most
+    of a step). On the CPU the backward pass runs on this thread; the handler can then
+    abandon the step here."""
+
+
 # --- the loop -----------------------------------------------------------------------------------
-def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
+def take_step(state: TrainState, run: Run, batches: Iterator[Batch],
+              stop: StopRequest | None = None) -> int:
     """One SGD step on the next global batch, its sums added to the epoch's; a non-finite one
-    is skipped (``max_skips`` in a row halt the run). Returns the images it learnt from."""
+    is skipped (``max_skips`` in a row halt the run). Returns the images it learnt from.
+    ``stop`` may abandon it (``StepAbandoned``) while it loads and computes, before the
+    update."""
     s = run.settings
     fault = distributed.injected_fault(run.info, state.step + 1)
-    micro_batches = [next(batches) for _ in range(run.checked.accum)]
+    interruptible = stop.interruptible if stop is not None else nullcontext
+    with interruptible():
+        micro_batches = [next(batches) for _ in range(run.checked.accum)]
     totals, skipped = sgd_step(state.net, state.optimizer, micro_batches,
                                run.checked.micro * run.checked.accum, run.runtime, run.prep,
                                run.stats, state.scaler, poison=fault == "nan",
-                               loss_fn=run.task.loss)
+                               loss_fn=run.task.loss, interruptible=interruptible())
     totals = distributed.all_reduce_sum(totals).tolist()
     state.skips = state.skips + 1 if skipped else 0
     if skipped:
@@ -721,9 +752,13 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
                                pin_memory=run.pin))
     bar = progress_bar(run.steps_per_epoch, f"epoch {state.epoch + 1}/{s.epochs}", unit="step",
                        enabled=s.progress and run.info.is_main, initial=state.epoch_step)
-    t_epoch, images, stopped = time.perf_counter(), 0, False
-    while state.epoch_step < run.steps_per_epoch:
-        images += take_step(state, run, batches)
+    t_epoch, images, stopped = time.perf_counter(), 0, stop.requested
+    while not stopped and state.epoch_step < run.steps_per_epoch:
+        done = step_or_abandon(state, run, batches, stop)
+        if done is None:  # abandoned: the state is the last finished step's
+            stopped = True
+            break
+        images += done
         t = state.progress.totals
         bar.update(1)
         bar.set_postfix(loss=f"{t[0] / max(t[3], 1):.3f}", acc=f"{t[1] / max(t[3], 1):.3f}",
@@ -742,17 +777,72 @@ def train_epoch(state: TrainState, run: Run, stop: StopRequest,
     bar.close()
     state.progress.seconds += time.perf_counter() - t_epoch
     if stopped:
-        run.log.save("last.pt", state.to_checkpoint(run))
-        run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
-                        f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
-                        f"{run.task.command} --resume {run.folder}")
+        save_stopped(state, run)
     return stopped
 
 
-def end_of_epoch(state: TrainState, run: Run) -> str:
+def save_stopped(state: TrainState, run: Run) -> None:
+    run.log.save("last.pt", state.to_checkpoint(run))
+    run.log.message(f"stopped at epoch {state.epoch + 1}, step {state.epoch_step}/"
+                    f"{run.steps_per_epoch}; saved {run.folder / 'last.pt'}\nresume with: "
+                    f"{run.task.command} --resume {run.folder}")
+
+
+def step_or_abandon(state: TrainState, run: Run, batches: Iterator[Batch],
+                    stop: StopRequest) -> int | None:
+    """``take_step``, or None when a stop abandoned it (one process only): the RNG and the
+    batch-norm statistics are then put back as they were before it, so that the state saved
+    is exactly the last finished step's. The first step of the process is timed for the
+    estimate of the run's time and memory (a real step: nothing extra is computed)."""
+    before = StepStart(state.model, run.runtime.device) if stop.abandon else None
+    t = time.perf_counter()
+    try:
+        images = take_step(state, run, batches, stop)
+    except StepAbandoned:
+        before.restore(state.model)
+        return None
+    if not state.timed:
+        state.timed = True
+        s = run.settings
+        memory, what = peak_memory(run.runtime.device)
+        steps_left = (s.epochs - state.epoch) * run.steps_per_epoch - state.epoch_step + 1
+        run.log.message(first_step_estimate(time.perf_counter() - t, run.steps_per_epoch,
+                                            steps_left, s.epochs - state.epoch, memory, what,
+                                            run.runtime.device.type, s.preset))
+    return images
+
+
+class StepStart:
+    """What a step changes before its update, kept to abandon it: the global RNG state
+    (dropout) and the buffers (batch-norm statistics)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.rng = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+
+    def restore(self, model: nn.Module) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), self.buffers, strict=True):
+                b.copy_(saved)
+
+
+def end_of_epoch(state: TrainState, run: Run, stop: StopRequest | None = None) -> str:
     """Validate, step the schedule, record the epoch, save last.pt (and best.pt when the
-    validation error improved). Returns the schedule's event ("stop" ends the run)."""
-    val = run.task.validate(state, run)
+    validation error improved). Returns the schedule's event ("stop" ends the run), or
+    "interrupted" when ``stop`` abandoned the validation (last.pt then holds the epoch's
+    steps, and a resumed run validates)."""
+    bar = progress_bar(len(run.val_images), "validating",
+                       enabled=run.settings.progress and run.info.is_main)
+    try:
+        with stop.interruptible() if stop is not None else nullcontext(), bar:
+            val = run.task.validate(state, run, progress=bar.update)
+    except StepAbandoned:
+        save_stopped(state, run)
+        return "interrupted"
     p = state.progress
     loss_sum, top1, _, n = p.totals
     lr = state.schedule.lr
@@ -845,13 +935,14 @@ def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], N
             run, state = start_run(s, ckpt, checked, log, task)
             log.message(run.describe())
             log.saved_at = time.perf_counter()
-            with StopRequest() as stop:
+            with StopRequest(abandon=checked.info.world_size == 1) as stop:
                 while state.epoch < s.epochs:
                     if train_epoch(state, run, stop, on_step):
                         status = "interrupted"
                         break
-                    if end_of_epoch(state, run) == "stop":
-                        status = "stopped"
+                    event = end_of_epoch(state, run, stop)
+                    if event in ("stop", "interrupted"):
+                        status = "stopped" if event == "stop" else "interrupted"
                         break
                     if state.epoch < s.epochs and stopped_after_epoch(state, run, stop):
                         status = "interrupted"
@@ -859,7 +950,8 @@ def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], N
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
                                  state.best_top5_err, time.perf_counter() - t_start, state.history)
             if status != "interrupted":
-                log.plots(state.history)
+                log.plots(state.history, f"{run.folder.name}: {run.config.label}",
+                          run.task.plots)
                 log.write_text("report.md", run.task.report(result, run))
         finally:
             log.close()
@@ -888,8 +980,8 @@ def train_command(c: TrainCommand) -> int:
 
 
 def stopped_after_epoch(state: TrainState, run: Run, stop: StopRequest) -> bool:
-    """A stop requested during validation or the epoch-end save ends the run here: the epoch's
-    checkpoint is saved already, so it costs no further step and no further save."""
+    """A stop requested during the epoch-end save ends the run here: the epoch's checkpoint
+    is saved already, so it costs no further step and no further save."""
     stopped, = distributed.agree(stop.requested, device=run.runtime.device)
     if stopped:
         run.log.message(f"stopped after epoch {state.epoch}; {run.folder / 'last.pt'} holds its "
@@ -897,11 +989,21 @@ def stopped_after_epoch(state: TrainState, run: Run, stop: StopRequest) -> bool:
     return stopped
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once."""
+class StepAbandoned(BaseException):
+    """A stop arrived while a step (or a validation) was interruptible: it is dropped.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
-    def __init__(self) -> None:
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: save the last finished step and exit. With ``abandon`` (one
+    process), the step under way is abandoned at once (``interruptible``), so a stop takes
+    seconds even when a step takes minutes; with several processes, which must agree, the
+    step is finished first. A second Ctrl-C stops at once."""
+
+    def __init__(self, abandon: bool = False) -> None:
         self.requested = False
+        self.abandon = abandon
+        self._armed = False
         self._old: dict = {}
 
     def __enter__(self) -> StopRequest:
@@ -914,8 +1016,28 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        now = self._armed
+        print(f"\n{signal.Signals(signum).name}: "
+              + ("abandoning this step, saving the last finished one" if now else
+                 "finishing this step, then saving") + " (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        if now:
+            raise StepAbandoned
+
+    @contextmanager
+    def interruptible(self):
+        """Within: a stop abandons the work at once (raises ``StepAbandoned``) if ``abandon``,
+        and if one was requested already. The caller undoes what the work changed."""
+        if not self.abandon:
+            yield
+            return
+        if self.requested:
+            raise StepAbandoned
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -937,12 +1059,12 @@ def training_report(r: TrainResult, run: Run) -> str:
     last = r.history[-1] if r.history else {}
     drops = sum(1 for h in r.history if h["event"] == "dropped")
     lines = [
-        f"# Training report: VGG {config.name}",
+        f"# Training report: {config.label}",
         "",
         f"- Data: `{s.data}` ({dataset.layout}): {len(dataset.train):,} training and "
         f"{len(dataset.val):,} validation images, {len(dataset.class_names)} classes"
         + (f"; {len(bad)} bad file(s) skipped (bad_files.txt)" if bad else ""),
-        f"- Model: {config.name}, width {s.width:g}, crop {s.crop_size}, {params:,} parameters, "
+        f"- Model: {config.label}, width {s.width:g}, crop {s.crop_size}, {params:,} parameters, "
         f"init {s.init}" + (f", initialised from `{s.init_from}`" if s.init_from else ""),
         f"- Recipe (preset `{s.preset}`): SGD momentum {s.momentum}, weight decay "
         f"{s.weight_decay:g}, dropout {s.dropout}, batch {s.batch_size}, lr {s.lr:g} divided by "
@@ -963,6 +1085,8 @@ def training_report(r: TrainResult, run: Run) -> str:
                      f"{100 * last['val_top5_err']:.2f}% |")
         lines.append(f"| last epoch training (augmented crops) | "
                      f"{100 * last['train_top1_err']:.2f}% | |")
+    plots = "`loss.png`, `error.png`" + (", `lr.png`" if lr_changed(r.history) else
+                                         " (the lr never changed: stated in the loss plot)")
     lines += ["", "Files: `best.pt`, `last.pt` (checkpoints), `metrics.csv`, `metrics.jsonl`, "
-              "`tensorboard/`, `loss.png`, `error.png`, `lr.png`, `settings.json`.", ""]
+              f"`tensorboard/`, {plots}, `settings.json`.", ""]
     return "\n".join(lines)

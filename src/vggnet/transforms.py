@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -259,13 +259,15 @@ def _image_moments(path: str, shorter: int) -> tuple[np.ndarray, np.ndarray] | N
 
 
 def compute_stats(paths: Sequence[str], shorter: int = 256, max_images: int = 10_000,
-                  workers: int | None = None) -> ColorStats:
+                  workers: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> ColorStats:
     """Mean RGB and the PCA of RGB colours over the training images.
 
     Every image counts equally (as it does in training, one crop per image per epoch), seen
     at the training scale (shorter side ``shorter``). At most ``max_images`` evenly spaced
     images are read: the mean of 10,000 ImageNet images is within a fraction of a grey level
     of the full set's. Unreadable files are left out (the dataset scan reports them).
+    ``progress(n)`` is called as images are done.
     """
     if not paths:
         raise ValueError("cannot compute colour statistics from an empty training set")
@@ -273,8 +275,12 @@ def compute_stats(paths: Sequence[str], shorter: int = 256, max_images: int = 10
     picked = [paths[int(i * step)] for i in range(min(len(paths), max_images or len(paths)))]
     # Pillow and torch release the GIL while decoding and resizing: threads scale on every core
     with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
-        moments = [m for m in pool.map(lambda p: _image_moments(p, shorter), picked)
-                   if m is not None]
+        moments = []
+        for m in pool.map(lambda p: _image_moments(p, shorter), picked):
+            if progress:
+                progress(1)
+            if m is not None:
+                moments.append(m)
     if not moments:
         raise ValueError(f"none of the {len(picked)} training images read for the colour "
                          "statistics could be decoded; run `vggnet data check` on the dataset")
