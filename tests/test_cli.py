@@ -61,15 +61,30 @@ def test_integer_lists_have_one_syntax_everywhere():
             if flag in ("--scales", "--scale", "--size") and a.type is not int:  # lists
                 assert a.type is int_list and a.nargs is None, (name, flag)
                 seen.add(name)
-    assert {"evaluate", "predict", "features", "probe", "train", "demo", "info"} <= seen
+    assert {"evaluate", "predict", "features", "probe", "train", "demo", "info", "finetune",
+            "retrieve", "localize evaluate", "localize predict"} <= seen
     assert int_list("256,384,512") == (256, 384, 512) and int_list("73") == (73,)
+
+
+@pytest.mark.parametrize("argv", [["predict", "x.jpg", "--weights", "w", "--scales", "256",
+                                   "384"],
+                                  ["evaluate", "ck.pt", "--data", "d", "--scales", "73", "82"]])
+def test_a_space_separated_list_is_the_commands_error_with_the_syntax(argv, capsys):
+    """Issue 15 item 6: before, the top-level parser said only "unrecognized arguments: 82"."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert f"usage: vggnet {argv[0]}" in err
+    assert (f"vggnet {argv[0]}: error: unrecognized arguments: {argv[-1]}; lists of numbers are "
+            "comma-separated, e.g. --scales 256,384,512") in err
 
 
 def test_every_long_command_has_the_same_progress_flag_on_by_default():
     for name, parser in _parsers():
         flags = {s for a in parser._actions for s in a.option_strings}
         if name in ("demo", "train", "evaluate", "reproduce", "features", "probe", "data make",
-                    "data check"):
+                    "data check", "predict", "convert", "export", "finetune", "explain",
+                    "retrieve", "localize train", "localize evaluate"):
             assert {"--progress", "--no-progress"} <= flags, name
     from vggnet import settings as S
 

@@ -229,12 +229,27 @@ def _add_commands(parser, table: dict, argv: list[str], dest: str, metavar: str)
         cls = resolve(entry.settings)
         p.description = " ".join(cls.__doc__.split())
         add_options(p, cls)
-        p.set_defaults(_run=entry)
+        p.set_defaults(_run=entry, _parser=p)
+
+
+def parse(argv: list[str]) -> dict:
+    """The options of ``vggnet ARGV`` (dest -> value). An argument no option takes is an
+    error of the command's own parser (its usage line), with the list syntax when it is a
+    number: ``--scales 256 384`` says that lists are comma-separated."""
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = ""
+        if any(x.lstrip("-").replace(".", "", 1).isdigit() for x in extra):
+            hint = "; lists of numbers are comma-separated, e.g. --scales 256,384,512"
+        vars(args).get("_parser", parser).error(
+            f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return vars(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = vars(build_parser(argv).parse_args(argv))
+    args = parse(argv)
     command, entry = args["_command"], args["_run"]
     values = {k: v for k, v in args.items() if not k.startswith("_")}
     rest = argv[argv.index(command) + 1:]  # the command's own arguments (torchrun relaunches)
