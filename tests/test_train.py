@@ -367,3 +367,12 @@ def test_estimate_wording_and_the_preset_that_fits_a_cpu():
     # step, 26 min an epoch, 1 d 8 h for 74 epochs: the preset that fits is named
     assert "`--preset reduced`" in first_step_estimate(83.0, 19, 74 * 19, 74, 9216, "x", "cpu",
                                                        "paper")
+
+
+def test_the_epoch_line_shows_slow_rates_with_a_decimal():
+    """A full-size net on a CPU trains at under one image/s: printed "0 img/s" before."""
+    from vggnet.runlog import epoch_line
+
+    assert "|  0.5 img/s, 1 s" in epoch_line({**_row(1, 0.01, 0.5, "kept"), "images_per_s": 0.48},
+                                             3)
+    assert "|  123 img/s, 1 s" in epoch_line(_row(1, 0.01, 0.5, "kept"), 3)

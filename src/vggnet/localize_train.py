@@ -47,6 +47,7 @@ from .localize import (
 from .model import VGG, VGGConfig, build
 from .preprocess import Preprocessing
 from .protocol import FINETUNE, LOCALISATION_PRESETS, centre_crop_resize, default_test_scale
+from .runlog import rate
 from .runtime import Runtime
 from .settings import LocalizeTrainCommand, TrainSettings, make_settings
 from .train import Run, Task, TrainResult, TrainState, resolve_checkpoint, train
@@ -284,7 +285,7 @@ class BoxTask(Task):
         return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.0e}  train loss "
                 f"{row['train_loss']:.4f} boxes missed {100 * row['train_top1_err']:5.1f}%  |  "
                 f"val loss {row['val_loss']:.4f} protocol-1 error "
-                f"{100 * row['val_top1_err']:5.1f}%  |  {row['images_per_s']:.0f} img/s, "
+                f"{100 * row['val_top1_err']:5.1f}%  |  {rate(row['images_per_s'])} img/s, "
                 f"{row['epoch_s']:.0f} s, {row.get('redrawn', 0)} crops redrawn  {row['event']}")
 
     def report(self, result: TrainResult, run: Run) -> str:

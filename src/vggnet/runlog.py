@@ -182,10 +182,16 @@ def best_epoch(history: list[dict]) -> int | None:
     return next((r["epoch"] for r in reversed(history) if r["event"] == "improved"), None)
 
 
+def rate(per_s: float) -> str:
+    """Images per second as printed: whole numbers, one decimal under 10 (a full-size net on
+    a CPU trains at 0.5 images/s, not "0")."""
+    return f"{per_s:.1f}" if per_s < 10 else f"{per_s:.0f}"
+
+
 def epoch_line(row: dict, epochs: int) -> str:
     """One epoch's metrics on one line, as the run prints them."""
     return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.0e}  train loss "
             f"{row['train_loss']:.3f} top-1 err {100 * row['train_top1_err']:5.1f}%  |  val loss "
             f"{row['val_loss']:.3f} top-1 err {100 * row['val_top1_err']:5.1f}% top-5 err "
-            f"{100 * row['val_top5_err']:5.1f}%  |  {row['images_per_s']:.0f} img/s, "
+            f"{100 * row['val_top5_err']:5.1f}%  |  {rate(row['images_per_s'])} img/s, "
             f"{row['epoch_s']:.0f} s  {row['event']}")

@@ -56,7 +56,7 @@ from .preprocess import Preprocessing, paper
 from .progress import progress_bar
 from .protocol import default_test_scale
 from .runfolder import finished, hold_run_folder, repair_best, sigterm_stops
-from .runlog import CLASSIFICATION_PLOTS, RunLog, epoch_line, lr_changed
+from .runlog import CLASSIFICATION_PLOTS, RunLog, epoch_line, lr_changed, rate
 from .runtime import Runtime, make_runtime, peak_memory
 from .settings import RESUMABLE, TrainCommand, TrainSettings, make_settings
 from .transfer import (
@@ -1073,7 +1073,7 @@ def training_report(r: TrainResult, run: Run) -> str:
         f"{'on' if s.flip else 'off'}, PCA colour shift std {s.pca_std}; input "
         f"{run.prep.describe()}" + (f"; {run.transfer.describe()}" if run.transfer else ""),
         f"- Run: {r.epochs} epoch(s), {r.status}, {drops} lr drop(s), {r.seconds / 60:.1f} min"
-        + (f", {last['images_per_s']:.0f} training images/s in the last epoch" if last else ""),
+        + (f", {rate(last['images_per_s'])} training images/s in the last epoch" if last else ""),
         "",
         "| | top-1 error | top-5 error |",
         "|---|---|---|",
