@@ -94,13 +94,34 @@ def test_a_bad_option_writes_nothing(data, tmp_path, capsys, option, value, word
     assert not out.exists()
 
 
+PAUSE_AFTER_STATS = """
+    import sys, time
+    import vggnet.runlog
+
+    message = vggnet.runlog.RunLog.message
+
+    def message_then_pause(self, text):  # start-up held right after the colour statistics
+        message(self, text)
+        if text.startswith("mean RGB"):
+            time.sleep(120)
+
+    vggnet.runlog.RunLog.message = message_then_pause
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_run_starts_leaves_nothing(data, tmp_path, sig):
     """Ctrl-C or SIGTERM once the colour statistics are computed (the net, the optimizer and
-    the runtime, about 2 s, are still to come): exit code 130, a message, no run folder."""
+    the runtime are still to come): exit code 130, a message, no run folder. The start-up is
+    held there, so that a slow reader of the output (a loaded machine) cannot let the tiny
+    run finish before the signal (it did: exit code 0, about 1 run in 5 under `make test`)."""
     out = tmp_path / "run"
-    p = _vggnet(_args(data, out))
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PAUSE_AFTER_STATS) +
+                          "from vggnet.cli import run\nrun()\n", *_args(data, out)],
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, PYTHONPATH=SRC))
     _wait_for(p, "mean RGB")
+    time.sleep(1)  # however late the signal comes, the run is still starting
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
