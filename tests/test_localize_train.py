@@ -146,6 +146,17 @@ def test_localize_train_writes_a_run_folder_and_resumes(data, trained, tmp_path,
     assert len(load_checkpoint(copy / "last.pt")["metrics"]) == 2
 
 
+def test_a_new_run_onto_a_run_folder_names_the_command_that_continues_it(data, trained,
+                                                                        capsys):
+    loc = trained / "loc"
+    args = ["localize", "train", "--from", str(trained / "clf"), "--data", str(data),
+            "--out", str(loc), *TINY_LOC]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"already holds a run (last.pt); continue it with `vggnet localize train --resume "
+            f"{loc}`") in err, err
+
+
 def test_resume_after_ctrl_c_equals_uninterrupted_run(data, trained, tmp_path):
     def run(out, **kw):
         s, task = new_box_run(str(trained / "clf"), str(data), "single-class", "all",

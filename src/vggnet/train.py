@@ -809,7 +809,8 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
     t_start = time.perf_counter()
     settings, resume = name_run(settings, resume)
     folder = Path(settings.out) if resume is None else checkpoint_path(resume).parent
-    with hold_run_folder(folder, resuming=resume is not None), sigterm_stops():
+    command = (task or Task()).command  # what continues this run, in the folder's messages
+    with hold_run_folder(folder, resume is not None, command), sigterm_stops():
         s, ckpt = settings_and_checkpoint(settings, resume, overrides)
         task = (task or Task()).resumed(ckpt) if ckpt else task
         done = None if ckpt is None else check_resumed(s, ckpt, checkpoint_path(resume))
