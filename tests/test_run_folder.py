@@ -395,7 +395,9 @@ def test_data_is_stored_absolute_and_a_moved_dataset_can_be_given_on_resume(
     monkeypatch.chdir(tmp_path / "run")  # resumed from elsewhere, with a relative path
     resume = ["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]
     assert main(resume) == 2
-    assert str(tmp_path / "d") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"the run's dataset folder {str(tmp_path / 'd')!r} does not exist; if it moved, "
+            f"give its new place with --data NEW_DIR beside --resume") in err, err
     smaller = tmp_path / "smaller"
     shutil.copytree(tmp_path / "moved", smaller)
     next((smaller / "train" / "disc").iterdir()).unlink()

@@ -384,6 +384,9 @@ def settings_and_checkpoint(settings: TrainSettings | None, resume: Path | None,
     config = (run_config(s, len(ckpt["class_names"])) if "localisation" not in ckpt
               else VGGConfig.from_dict(ckpt["model_config"]))
     check_state_fits(config, ckpt["model"], repr(str(path)), "its training settings describe")
+    if "data" not in given and not Path(s.data).is_dir():
+        raise FileNotFoundError(f"the run's dataset folder {s.data!r} does not exist; if it "
+                                "moved, give its new place with --data NEW_DIR beside --resume")
     return s, ckpt
 
 
