@@ -1,3 +1,5 @@
+import pytest
+
 from vggnet import reproduce as rp
 
 
@@ -142,3 +144,14 @@ def test_study_files_are_written_atomically_with_fsync(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cells" / "x.json").read_text()) == {"cell": "x", "top1_err": 1.5}
     assert len(synced) >= 1  # the file (and its folder) reached the disk before the rename
     assert [p.name for p in (tmp_path / "cells").iterdir()] == ["x.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("study", ["classification", "localisation"])
+def test_a_missing_dataset_is_refused_before_the_study_folder_is_made(tmp_path, capsys, study):
+    from vggnet.cli import main
+
+    out = tmp_path / "study"
+    assert main(["reproduce", "--study", study, "--data", str(tmp_path / "gone"),
+                 "--out", str(out), "--no-progress"]) == 2
+    assert f"dataset folder {str(tmp_path / 'gone')!r} does not exist" in capsys.readouterr().err
+    assert not out.exists()
