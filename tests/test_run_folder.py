@@ -291,6 +291,22 @@ def test_ctrl_c_while_the_program_exits_prints_no_traceback(data, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err
 
 
+def test_sigterm_to_the_whole_process_group_stops_like_sigterm_to_the_run(data, tmp_path):
+    """`timeout`, `kill -TERM -- -PGID` and job schedulers signal every process of the run,
+    its loader workers too: before, a worker died of it and the run ended in a traceback
+    (exit code 1) without its save. Now it finishes the step and saves, as for SIGTERM alone."""
+    out = tmp_path / "run"
+    p = _vggnet(_args(data, out, epochs=200, workers=2, batch_size=2), start_new_session=True)
+    _wait_for(p, "epoch   1/200")  # 12 steps an epoch: epoch 2's workers are loading
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGTERM)  # the process group that start_new_session made
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "SIGTERM: finishing this step, then saving" in err
+    assert f"resume with: vggnet train --resume {out}" in stdout
+    assert load_checkpoint(out / "last.pt")["step"] > 12  # saved where it stopped, in epoch 2+
+
+
 # --- item 6: one-line errors instead of tracebacks -----------------------------------------------
 def test_resuming_tensors_that_do_not_fit_is_refused_before_building(data, tmp_path, capsys):
     out = tmp_path / "run"
