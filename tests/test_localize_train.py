@@ -245,6 +245,20 @@ def test_weights_keep_the_localisation_spec(trained, tmp_path):
     assert load_model(path).model.config.num_classes == 12  # still an ordinary weights file
 
 
+def test_images_without_a_box_are_left_out_and_the_run_counts_the_rest(data, trained, tmp_path,
+                                                                       capsys):
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    lines = (root / "LOC_train_solution.csv").read_text().splitlines()
+    (root / "LOC_train_solution.csv").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    args = ["localize", "train", "--from", str(trained / "clf"), "--data", str(root), "--out",
+            str(tmp_path / "run"), "--finetune", "fc", *TINY_LOC]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "23 of 24 image(s) have boxes; 1 skipped" in out
+    assert "on 23 images of 3 classes" in out, out
+
+
 # --- bad input: one-line errors before any work -------------------------------------------------
 @pytest.mark.parametrize("case,message", [
     ("missing", "LOC_train_solution.csv' does not exist; give --train-boxes PATH"),

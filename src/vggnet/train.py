@@ -546,7 +546,7 @@ class Run:
         s, c, rt = self.settings, self.checked, self.runtime
         return (f"training VGG {self.config.name} (width {s.width:g}, crop {s.crop_size}, S in "
                 f"[{s.scale[0]}, {s.scale[1]}], Q={default_test_scale(s.scale)}) on "
-                f"{len(self.dataset.train):,} images of {len(self.dataset.class_names)} classes, "
+                f"{len(self.train_images):,} images of {len(self.dataset.class_names)} classes, "
                 f"{rt.device} {rt.amp_dtype or 'fp32'}; batch {s.batch_size} = "
                 f"{self.info.world_size} process(es) x {c.accum} x {c.micro}; "
                 f"{self.steps_per_epoch} steps/epoch; {self.workers} loader worker(s); input "
