@@ -677,6 +677,19 @@ def start_run(s: TrainSettings, ckpt: dict | None, checked: Checked, log: RunLog
 
 
 # --- the loop -----------------------------------------------------------------------------------
+def halted(state: TrainState, run: Run, where: str) -> FloatingPointError:
+    """The error that halts a run after ``max_skips`` non-finite steps in a row: what to
+    change, and where to start again (last.pt only if one was saved: not in epoch 1)."""
+    last = run.folder / "last.pt"
+    change = f"lower --lr (now {state.schedule.lr:g})" + (
+        "" if run.config.batch_norm else " or use --batch-norm")
+    then = (f"The last good checkpoint is {last}; {change}, then start again from it with "
+            "--init-from" if last.is_file() else f"No checkpoint was saved yet; {change}, then "
+            "start again")
+    return FloatingPointError(f"{state.skips} consecutive steps had a non-finite loss or "
+                              f"gradient ({where}); training halted. {then}")
+
+
 def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
     """One SGD step on the next global batch, its sums added to the epoch's; a non-finite one
     is skipped (``max_skips`` in a row halt the run). Returns the images it learnt from."""
@@ -695,11 +708,7 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch]) -> int:
         run.log.message(f"{where}: non-finite loss or gradient (loss {totals[0]}); step skipped "
                         f"on every process ({state.skips}/{s.max_skips})")
         if state.skips >= s.max_skips:
-            raise FloatingPointError(
-                f"{state.skips} consecutive steps had a non-finite loss or gradient ({where}); "
-                f"training halted. The last good checkpoint is {run.folder / 'last.pt'}; lower "
-                f"--lr (now {state.schedule.lr:g}) or use --batch-norm, then start again from "
-                "it with --init-from")
+            raise halted(state, run, where)
         totals = [0.0] * 4  # nothing learnt from this batch
     p = state.progress
     p.totals = [a + b for a, b in zip(p.totals, totals, strict=True)]
