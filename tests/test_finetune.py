@@ -236,8 +236,22 @@ def test_finetune_command_end_to_end(folder, tmp_path, capsys):
     report = (run / "report.md").read_text()
     assert "## Evaluation of best.pt (the paper's protocol)" in report
     assert f"top-1 error {results['top1_err']:.2f}%" in report
-    # a finished run resumed: nothing to train, evaluated again
+    # a finished run resumed: nothing to train, nothing evaluated or written again
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
     assert main(["finetune", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "is finished after 2 epoch(s)" in out and "nothing was changed" in out
+    assert (f"best.pt was evaluated when the run finished: top-1 error "
+            f"{results['top1_err']:.2f}%") in out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    # a new run onto it names the command that continues it; --epochs extends it
+    assert main(args) == 2
+    assert f"continue it with `vggnet finetune --resume {run}`" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    assert "fine-tuning finished after 3 epoch(s)" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert (run / "report.md").read_text().count("## Evaluation of best.pt") == 1
 
 
 @pytest.mark.parametrize("args,message", [

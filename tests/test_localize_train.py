@@ -146,6 +146,17 @@ def test_localize_train_writes_a_run_folder_and_resumes(data, trained, tmp_path,
     assert len(load_checkpoint(copy / "last.pt")["metrics"]) == 2
 
 
+def test_a_new_run_onto_a_run_folder_names_the_command_that_continues_it(data, trained,
+                                                                        capsys):
+    loc = trained / "loc"
+    args = ["localize", "train", "--from", str(trained / "clf"), "--data", str(data),
+            "--out", str(loc), *TINY_LOC]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"already holds a run (last.pt); continue it with `vggnet localize train --resume "
+            f"{loc}`") in err, err
+
+
 def test_resume_after_ctrl_c_equals_uninterrupted_run(data, trained, tmp_path):
     def run(out, **kw):
         s, task = new_box_run(str(trained / "clf"), str(data), "single-class", "all",
@@ -232,6 +243,20 @@ def test_weights_keep_the_localisation_spec(trained, tmp_path):
     with pytest.raises(ValueError, match="is not a localisation net"):
         load_localizer(trained / "clf" / "best.pt")
     assert load_model(path).model.config.num_classes == 12  # still an ordinary weights file
+
+
+def test_images_without_a_box_are_left_out_and_the_run_counts_the_rest(data, trained, tmp_path,
+                                                                       capsys):
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    lines = (root / "LOC_train_solution.csv").read_text().splitlines()
+    (root / "LOC_train_solution.csv").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    args = ["localize", "train", "--from", str(trained / "clf"), "--data", str(root), "--out",
+            str(tmp_path / "run"), "--finetune", "fc", *TINY_LOC]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "23 of 24 image(s) have boxes; 1 skipped" in out
+    assert "on 23 images of 3 classes" in out, out
 
 
 # --- bad input: one-line errors before any work -------------------------------------------------

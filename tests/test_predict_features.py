@@ -156,6 +156,17 @@ def test_feature_taps(colour_net, tmp_path):
     torch.testing.assert_close(taps["relu1_1"][0:1], expected)
 
 
+def test_an_unknown_tap_is_refused_before_any_image(colour_net, tmp_path, capsys):
+    weights, images = colour_net
+    out = tmp_path / "taps.safetensors"
+    assert main(["features", str(images["red"].parent), "--weights", str(weights),
+                 "--layers", "relu1_1,relu9_9", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vggnet features: error: unknown layer(s) ['relu9_9'] for VGG A; "
+                          "available: ['conv1_1', 'relu1_1', "), err  # no progress bar first
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_transfer_descriptor_follows_appendix_b(colour_net, tmp_path):
     weights, images = colour_net
     out = tmp_path / "transfer.npz"

@@ -1,3 +1,5 @@
+import pytest
+
 from vggnet import reproduce as rp
 
 
@@ -164,3 +166,14 @@ def test_default_study_folder_is_new_per_run(tmp_path, monkeypatch, capsys):
     assert f"to resume it after an interruption, run the same command with --out {folders[0]}" \
         in capsys.readouterr().out
     assert main(["reproduce", "--out", str(folders[0])]) == 0 and folders[-1] == folders[0]
+
+
+@pytest.mark.parametrize("study", ["classification", "localisation"])
+def test_a_missing_dataset_is_refused_before_the_study_folder_is_made(tmp_path, capsys, study):
+    from vggnet.cli import main
+
+    out = tmp_path / "study"
+    assert main(["reproduce", "--study", study, "--data", str(tmp_path / "gone"),
+                 "--out", str(out), "--no-progress"]) == 2
+    assert f"dataset folder {str(tmp_path / 'gone')!r} does not exist" in capsys.readouterr().err
+    assert not out.exists()

@@ -114,11 +114,24 @@ def test_nan_on_one_rank_is_skipped_by_all(data, tmp_path):
 
 def test_consecutive_nans_halt_and_keep_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "0:4-6:nan")  # every step of epoch 2
-    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss"):
+    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss") as e:
         train(make_settings("reduced", data=str(data), out=str(tmp_path / "run"), **TINY))
+    last = tmp_path / "run" / "last.pt"
+    assert (f"The last good checkpoint is {last}; lower --lr (now 0.01) or use --batch-norm, "
+            "then start again from it with --init-from") in str(e.value)
     ckpt, weights = _weights(tmp_path / "run")
     assert ckpt["epoch"] == 1 and ckpt["step"] == 3
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_nans_from_the_first_step_halt_without_naming_a_checkpoint(data, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "0:1-3:nan")  # epoch 1: nothing saved yet
+    with pytest.raises(FloatingPointError) as e:
+        train(make_settings("reduced", data=str(data), out=str(tmp_path / "run"), batch_norm=True,
+                            **TINY))
+    assert str(e.value).endswith("training halted. No checkpoint was saved yet; lower --lr (now "
+                                 "0.01), then start again"), str(e.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def _free_port():

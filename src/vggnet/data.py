@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -475,19 +477,44 @@ class EpochSampler(torch.utils.data.Sampler):
                 yield self.epoch, int(i)
 
 
-def _worker_init(_: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process finishes the step (which may
-    # need more batches from the workers), so the workers ignore it. They keep SIGTERM: that
-    # is how the loader ends them.
-    import signal
+# signals that stop a run (train.StopRequest), which loader workers must survive
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group, and so does SIGTERM from `timeout`, `kill --
+    # -PGID` or a job scheduler; the main process finishes the step (which may need more
+    # batches from the workers) and saves, so the workers ignore both (a worker killed by
+    # SIGTERM ended the run in a traceback, unsaved). They were started with both blocked
+    # (``Loader``), so none arrived before this. The loader ends them without signals: a None
+    # on their queue, then they exit; its terminate() is a fallback for a worker that has not
+    # exited 5 s later, which then exits when its item is done (it finds the done event or,
+    # once the main process is gone, its watchdog).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes start with SIGINT and SIGTERM blocked (the mask of
+    this thread while it starts them), until ``_worker_init`` ignores them: a signal to the
+    whole process group can never kill a worker in the instant before. Signals to this
+    process wait those milliseconds, then reach its handlers."""
+
+    def __iter__(self):
+        if not self.num_workers or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, pin_memory: bool = False,
                 prefetch: int = 4, collate_fn=collate) -> torch.utils.data.DataLoader:
     """Batches of uint8 images from ``workers`` processes (0: in this process)."""
-    return torch.utils.data.DataLoader(
+    return Loader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate_fn, pin_memory=pin_memory, drop_last=False,
         worker_init_fn=_worker_init if workers else None,

@@ -128,6 +128,8 @@ def features_command(s: FeaturesSettings) -> int:
     loaded = load_model(s.weights)
     rt = make_runtime(s.device, s.precision)
     layers = [n.strip() for n in s.layers.split(",") if n.strip()] if s.layers else None
+    if layers:
+        loaded.model.check_layers(layers)  # before any image is read
     paths = list_images(s.inputs)
     tensors = extract_files(loaded, paths, layers=layers, size=s.size, scales=s.scales,
                             batch_size=s.batch_size, runtime=rt, progress=s.progress)

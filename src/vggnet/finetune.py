@@ -10,7 +10,8 @@ schedule's rule with fine-tuning defaults: after ``lr_patience`` epochs without 
 validation top-1 error the lr drops, after ``lr_drops`` drops the next plateau stops the run,
 and best.pt holds the best epoch. Then best.pt is evaluated with the paper's protocol
 (``evaluate.evaluate``: dense, flips, Q from the training scale) on the validation split,
-into RUN/evaluation/, and the result is added to RUN/report.md.
+into RUN/evaluation/, and the result is added to RUN/report.md; a finished run resumed is
+neither trained nor evaluated again (unless ``--epochs`` extends it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,21 @@ import time
 from pathlib import Path
 
 from .evaluate import EvalReport
-from .settings import EvalSettings, FinetuneSettings, TrainSettings, make_settings
+from .settings import (
+    FINETUNE_EPOCHS,
+    EvalSettings,
+    FinetuneSettings,
+    TrainSettings,
+    make_settings,
+)
+from .train import Task
+
+
+class FinetuneTask(Task):
+    """The classification task, continued by `vggnet finetune --resume` (which then evaluates
+    best.pt); `vggnet train --resume` continues the run too, without that evaluation."""
+
+    command = "vggnet finetune"
 
 
 def finetune_settings(s: FinetuneSettings) -> TrainSettings:
@@ -37,9 +52,10 @@ def finetune_settings(s: FinetuneSettings) -> TrainSettings:
         crop_size=c.crop_size, dropout=c.dropout, scale=s.scale or train_scale("256", c.crop_size),
         init_from=str(s.weights), new_head=True, transfer_lr_factor=s.transfer_lr_factor,
         freeze_until=s.freeze_until, val_split=s.val_split, split_seed=s.split_seed, lr=s.lr,
-        epochs=s.epochs, batch_size=s.batch_size, lr_patience=s.lr_patience,
-        lr_drops=s.lr_drops, seed=s.seed, skip_bad=s.skip_bad, device=s.device,
-        precision=s.precision, workers=s.workers, progress=s.progress)  # None: the default
+        epochs=FINETUNE_EPOCHS if s.epochs is None else s.epochs, batch_size=s.batch_size,
+        lr_patience=s.lr_patience, lr_drops=s.lr_drops, seed=s.seed, skip_bad=s.skip_bad,
+        device=s.device, precision=s.precision, workers=s.workers,
+        progress=s.progress)  # None: the default
 
 
 def evaluate_run(folder: Path, ts: TrainSettings, protocol: EvalSettings,
@@ -65,6 +81,19 @@ def evaluate_run(folder: Path, ts: TrainSettings, protocol: EvalSettings,
     return report
 
 
+def evaluated(folder: Path) -> bool:
+    """Whether best.pt's evaluation is in ``folder`` (then said again, not redone)."""
+    path = folder / "evaluation" / "results.json"
+    if not path.is_file():  # e.g. a Ctrl-C during that evaluation
+        return False
+    import json
+
+    r = json.loads(path.read_text())
+    print(f"best.pt was evaluated when the run finished: top-1 error {r['top1_err']:.2f}%, "
+          f"top-5 error {r['top5_err']:.2f}% ({r['method']}; {path}, {folder / 'report.md'})")
+    return True
+
+
 def finetune_command(s: FinetuneSettings) -> int:
     """``vggnet finetune``: start (or ``--resume``) the run, then evaluate best.pt; exit code
     130 when interrupted (continue with --resume)."""
@@ -78,15 +107,19 @@ def finetune_command(s: FinetuneSettings) -> int:
         if s.dir or s.weights:
             raise ValueError("--resume continues a run with its own data and weights; give "
                              "--resume RUN alone (with how it runs: --device, --precision, "
-                             "--workers, --progress)")
-        result = train(resume=s.resume, progress=s.progress, **how)
+                             "--workers, --progress; --epochs to extend it)")
+        extend = {} if s.epochs is None else {"epochs": s.epochs}
+        result = train(resume=s.resume, progress=s.progress, task=FinetuneTask(), **how,
+                       **extend)
     elif not s.dir or not s.weights:
         raise ValueError("give the dataset folder and the weights to start from: `vggnet "
                          "finetune DIR --weights W` (or --resume RUN)")
     else:
-        result = train(finetune_settings(s))
+        result = train(finetune_settings(s), task=FinetuneTask())
     if result.status == "interrupted":
         return 130
+    if result.status == "already finished" and evaluated(result.folder):
+        return 0
     print(f"fine-tuning {result.status} after {result.epochs} epoch(s), "
           f"{result.seconds / 60:.1f} min: best val top-1 error (centre crop) "
           f"{100 * result.best_top1_err:.2f}%; run folder {result.folder}")

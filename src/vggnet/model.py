@@ -221,6 +221,16 @@ class VGG(nn.Module):
         return [n for n, _ in self.features.named_children()] + \
                [n for n, _ in self.classifier.named_children()]
 
+    def check_layers(self, layers: Iterable[str]) -> list[str]:
+        """``layers`` as a list if ``extract`` accepts every name; else an error listing those
+        it accepts (callers check before any work)."""
+        layers, known = list(layers), self.layer_names()
+        unknown = [n for n in layers if n not in known]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown} for VGG {self.config.arch}; available: "
+                             f"{known}")
+        return layers
+
     def _check_input(self, x: torch.Tensor, dense: bool) -> None:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
@@ -296,12 +306,7 @@ class VGG(nn.Module):
         Stops after the last requested layer, so perceptual-loss taps cost only the convs they
         need. fc taps need crop-sized input unless ``dense`` (then they are maps).
         """
-        layers = list(layers)
-        known = self.layer_names()
-        unknown = [n for n in layers if n not in known]
-        if unknown:
-            raise ValueError(f"unknown layer(s) {unknown} for VGG {self.config.arch}; available: "
-                             f"{known}")
+        layers = self.check_layers(layers)
         self._check_input(x, dense=dense and any(n not in self.features._modules for n in layers))
         stages = self.stages(dense)
         wanted, out = set(layers), {}

@@ -492,8 +492,8 @@ class Study:
 
     def _run(self) -> Path:
         t0 = time.perf_counter()
+        self.prepare_data()  # a bad --data is refused before the study folder is made
         self.out.mkdir(parents=True, exist_ok=True)
-        self.prepare_data()
         trained = [self.train_net(j) for j in net_jobs()]
         for j in eval_jobs():
             self.evaluate_job(j)

@@ -167,8 +167,8 @@ class LocalisationStudy(Study):
         from .runtime import make_runtime
 
         t0, load0 = time.perf_counter(), os.getloadavg()
+        self.prepare_data()  # a bad --data is refused before the study folder is made
         self.out.mkdir(parents=True, exist_ok=True)
-        self.prepare_data()
         trained = [self.train_net(j) for j in CLASSIFIERS]
         localizers = [self.train_localizer(j) for j in loc_jobs()]
         samples = self.samples()

@@ -32,8 +32,9 @@ from .settings import TrainSettings
 RESTART_LOCK_WAIT_S = 60.0
 
 
-def prepare_folder(out: Path, resuming: bool) -> Path:
-    """``out`` exists and takes files; a new run may not start where one is (its last.pt)."""
+def prepare_folder(out: Path, resuming: bool, command: str = "vggnet train") -> Path:
+    """``out`` exists and takes files; a new run may not start where one is (its last.pt);
+    ``command`` continues such a run (a task's, e.g. ``vggnet localize train``)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -44,12 +45,13 @@ def prepare_folder(out: Path, resuming: bool) -> Path:
                          f"{e.strerror or e}); choose another --out") from None
     if not resuming and (out / "last.pt").exists():
         raise ValueError(f"{str(out)!r} already holds a run (last.pt); continue it with "
-                         f"`vggnet train --resume {out}`, or choose another --out")
+                         f"`{command} --resume {out}`, or choose another --out")
     return out
 
 
 @contextmanager
-def hold_run_folder(folder: Path, resuming: bool) -> Iterator[None]:
+def hold_run_folder(folder: Path, resuming: bool,
+                    command: str = "vggnet train") -> Iterator[None]:
     """The main process's hold on a run folder for a whole ``train`` call.
 
     Checked writable, then locked (``runlock.RunLock``: a second ``train --out`` or
@@ -66,7 +68,7 @@ def hold_run_folder(folder: Path, resuming: bool) -> Iterator[None]:
         check_output_folder(folder, "run")
         lock = RunLock(folder)
         note = lock.acquire(wait_s=RESTART_LOCK_WAIT_S if distributed.restarted() else 0.0)
-        prepare_folder(folder, resuming)  # under the lock: a run may have ended meanwhile
+        prepare_folder(folder, resuming, command)  # under the lock: a run may have ended
         removed = remove_temporaries(folder)
         for line in ([note] if note else []) + ([
                 f"removed {len(removed)} temporary file(s) left by a save that was killed: "
@@ -74,7 +76,7 @@ def hold_run_folder(folder: Path, resuming: bool) -> Iterator[None]:
             print(line, flush=True)
         yield
     except WriteError as e:
-        then = (f"the run stopped; continue it with `vggnet train --resume {folder}`"
+        then = (f"the run stopped; continue it with `{command} --resume {folder}`"
                 if (folder / "last.pt").is_file() else
                 "the run stopped before its first checkpoint; start it again")
         raise WriteError(e.errno, f"{e}; {then}") from e

@@ -737,6 +737,9 @@ class RetrieveSettings:
             raise ValueError(f"-k must be at least 1, got {self.k}")
 
 
+FINETUNE_EPOCHS = 30  # `vggnet finetune`'s --epochs when a new run is not told
+
+
 @dataclass(frozen=True, kw_only=True)
 class FinetuneSettings:
     """Fine-tune trained weights on your own images: a new classifier (fc8) for DIR's classes,
@@ -761,7 +764,8 @@ class FinetuneSettings:
                                       " fc7; its batch norm too)", metavar="LAYER")
     transfer_lr_factor: float = option(0.1, "lr multiplier of the copied layers")
     lr: float = option(1e-2, "learning rate of the new classifier")
-    epochs: int = option(30, "at most this many epochs")
+    epochs: int | None = option(None, f"at most this many epochs (default: {FINETUNE_EPOCHS});"
+                                " with --resume: extend the run to this many")
     batch_size: int = option(32, "images per SGD step")
     lr_patience: int = option(3, "epochs without a better val top-1 error before the lr drops "
                               "(or, after the last drop, training stops)")

@@ -393,6 +393,9 @@ def settings_and_checkpoint(settings: TrainSettings | None, resume: Path | None,
     config = (run_config(s, len(ckpt["class_names"])) if "localisation" not in ckpt
               else VGGConfig.from_dict(ckpt["model_config"]))
     check_state_fits(config, ckpt["model"], repr(str(path)), "its training settings describe")
+    if "data" not in given and not Path(s.data).is_dir():
+        raise FileNotFoundError(f"the run's dataset folder {s.data!r} does not exist; if it "
+                                "moved, give its new place with --data NEW_DIR beside --resume")
     return s, ckpt
 
 
@@ -555,7 +558,7 @@ class Run:
         s, c, rt = self.settings, self.checked, self.runtime
         return (f"training {self.config.label} (width {s.width:g}, crop {s.crop_size}, S in "
                 f"[{s.scale[0]}, {s.scale[1]}], Q={default_test_scale(s.scale)}) on "
-                f"{len(self.dataset.train):,} images of {len(self.dataset.class_names)} classes, "
+                f"{len(self.train_images):,} images of {len(self.dataset.class_names)} classes, "
                 f"{rt.device} {rt.amp_dtype or 'fp32'}; batch {s.batch_size} = "
                 f"{self.info.world_size} process(es) x {c.accum} x {c.micro}; "
                 f"{self.steps_per_epoch} steps/epoch; {self.workers} loader worker(s); input "
@@ -700,6 +703,19 @@ def _signal_point(grad: torch.Tensor) -> None:
 
 
 # --- the loop -----------------------------------------------------------------------------------
+def halted(state: TrainState, run: Run, where: str) -> FloatingPointError:
+    """The error that halts a run after ``max_skips`` non-finite steps in a row: what to
+    change, and where to start again (last.pt only if one was saved: not in epoch 1)."""
+    last = run.folder / "last.pt"
+    change = f"lower --lr (now {state.schedule.lr:g})" + (
+        "" if run.config.batch_norm else " or use --batch-norm")
+    then = (f"The last good checkpoint is {last}; {change}, then start again from it with "
+            "--init-from" if last.is_file() else f"No checkpoint was saved yet; {change}, then "
+            "start again")
+    return FloatingPointError(f"{state.skips} consecutive steps had a non-finite loss or "
+                              f"gradient ({where}); training halted. {then}")
+
+
 def take_step(state: TrainState, run: Run, batches: Iterator[Batch],
               stop: StopRequest | None = None) -> int:
     """One SGD step on the next global batch, its sums added to the epoch's; a non-finite one
@@ -723,11 +739,7 @@ def take_step(state: TrainState, run: Run, batches: Iterator[Batch],
         run.log.message(f"{where}: non-finite loss or gradient (loss {totals[0]}); step skipped "
                         f"on every process ({state.skips}/{s.max_skips})")
         if state.skips >= s.max_skips:
-            raise FloatingPointError(
-                f"{state.skips} consecutive steps had a non-finite loss or gradient ({where}); "
-                f"training halted. The last good checkpoint is {run.folder / 'last.pt'}; lower "
-                f"--lr (now {state.schedule.lr:g}) or use --batch-norm, then start again from "
-                "it with --init-from")
+            raise halted(state, run, where)
         totals = [0.0] * 4  # nothing learnt from this batch
     p = state.progress
     p.totals = [a + b for a, b in zip(p.totals, totals, strict=True)]
@@ -899,7 +911,8 @@ def train(settings: TrainSettings | None = None, resume: str | os.PathLike | Non
     t_start = time.perf_counter()
     settings, resume = name_run(settings, resume)
     folder = Path(settings.out) if resume is None else checkpoint_path(resume).parent
-    with hold_run_folder(folder, resuming=resume is not None), sigterm_stops():
+    command = (task or Task()).command  # what continues this run, in the folder's messages
+    with hold_run_folder(folder, resume is not None, command), sigterm_stops():
         s, ckpt = settings_and_checkpoint(settings, resume, overrides)
         task = (task or Task()).resumed(ckpt) if ckpt else task
         done = None if ckpt is None else check_resumed(s, ckpt, checkpoint_path(resume))
