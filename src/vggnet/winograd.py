@@ -64,12 +64,13 @@ class Rule:
                 and conv.out_channels >= self.min_out)
 
 
-# measured per layer of VGG-16 against fuse.PackedConv2d (docs/benchmarks.md, "Winograd"):
-# bf16 F(2x2) wins 1.1-1.4x from conv3_1 (128 -> 256) on and loses on the 64- and 128-channel
-# layers, where the transforms cost more than the products save; float32 F(4x4) wins
-# 1.1-2.8x on every layer with 128 input channels or more.
+# measured per layer of VGG-16 against fuse.PackedConv2d, 1 thread, batch 1 and 8
+# (docs/benchmarks.md, "Winograd"): bf16 F(2x2) wins 1.05-1.6x from conv3_1 (128 -> 256) on
+# and loses 0.4-1.0x on the 64- and 128-channel layers, where the transforms cost more than
+# the products save; float32 F(4x4) (AVX2 cap) wins 1.1-2.7x from conv2_1 (64 -> 128) on and
+# loses on conv1_2 (0.86x).
 RULES = {torch.bfloat16: Rule(m=2, min_in=128, min_out=256),
-         torch.float32: Rule(m=4, min_in=128, min_out=128)}
+         torch.float32: Rule(m=4, min_in=64, min_out=128)}
 
 
 def fits(conv: nn.Conv2d) -> bool:
