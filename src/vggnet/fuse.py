@@ -1,5 +1,6 @@
 """Inference-only rewrites of a VGG on the CPU: oneDNN convolutions on weights laid out once,
-with eval-mode batch norm folded in and ReLU fused, and a faster 2x2 max-pool.
+with eval-mode batch norm folded in and ReLU fused, Winograd convolutions where they win
+(``winograd.py``), linear layers on weights laid out once, and a faster 2x2 max-pool.
 
 Why (measured, docs/benchmarks.md): an eager ``nn.Conv2d`` hands oneDNN plain (O, I, kh, kw)
 weights, which oneDNN reorders into its blocked layout on every call; a float32 VGG-16 forward
@@ -10,17 +11,22 @@ post-op), callable from eager code without compiling anything per input shape.
 Those ops are private: a torch build may lack them and oneDNN refuses a dtype the CPU cannot
 run (bf16 on an AVX2-only CPU). ``packing_works`` tries them once per dtype on a small
 convolution and compares with ``F.conv2d``; where they fail or differ, ``fuse_for_inference``
-leaves the layers as they are (the plain eager path) and says why in its returned notes.
+leaves the layers as they are (the plain eager path) and says why in its returned notes;
+``linear_packing_works`` does the same for ``PackedLinear``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .folding import fold_batch_norm
+from .winograd import RULES, WinogradConv2d, winograd_works
 
 
 class MaxPool2x2(nn.Module):
@@ -51,19 +57,6 @@ def is_plain_2x2_pool(m: nn.Module) -> bool:
     return (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2)) and m.stride in (2, (2, 2))
             and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode
             and not m.return_indices)
-
-
-def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) in float32 of conv followed by eval-mode ``bn``: the same function up to
-    float rounding. weight (O, I, kh, kw) scaled per output channel by gamma / sqrt(var + eps)."""
-    w = conv.weight.detach().float()
-    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
-    if bn is None:
-        return w, b
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    shift = bn.bias.detach().float() - bn.running_mean.float() * scale
-    return w * scale[:, None, None, None], b * scale + shift
 
 
 class PackedConv2d(nn.Module):
@@ -162,11 +155,12 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
                        keep_layer_outputs: bool = False) -> list[str]:
     """Rewrite a VGG's ``features`` in place for CPU inference; returns notes on what was done.
 
-    Each conv becomes a ``PackedConv2d`` (laid out for ``input_size``, the first layer's
-    (N, C, H, W)); unless ``keep_layer_outputs``, the batch norm and ReLU after it are folded
-    and fused into it and their slots become ``Folded`` (so the convX_Y and bnX_Y outputs that
-    ``VGG.extract`` returns would be post-ReLU: pass True to keep every layer's output).
-    Plain 2x2 max-pools become ``MaxPool2x2`` in every case.
+    Each conv becomes a ``winograd.WinogradConv2d`` where ``winograd.RULES`` picks Winograd for
+    its shape and ``dtype`` (and ``winograd_works``), else a ``PackedConv2d`` (laid out for
+    ``input_size``, the first layer's (N, C, H, W)); unless ``keep_layer_outputs``, the batch
+    norm and ReLU after it are folded and fused into it and their slots become ``Folded`` (so
+    the convX_Y and bnX_Y outputs that ``VGG.extract`` returns would be post-ReLU: pass True to
+    keep every layer's output). Plain 2x2 max-pools become ``MaxPool2x2`` in every case.
     """
     notes = []
     for name, child in list(features.named_children()):
@@ -177,6 +171,7 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
         return notes + [f"convolutions left unpacked ({why})"]
     n, _, h, w = input_size
     layers = list(features.named_children())
+    winograd = []
     for i, (name, m) in enumerate(layers):
         if isinstance(m, MaxPool2x2):
             h, w = h // 2, w // 2
@@ -187,11 +182,86 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
         bn = nxt[0] if fold else None
         after = nxt[1 if bn is not None else 0] if len(nxt) > (bn is not None) else None
         relu = isinstance(after, nn.ReLU) and not keep_layer_outputs
-        setattr(features, name, PackedConv2d(m, bn, relu, dtype, (n, m.in_channels, h, w)))
+        fast = winograd_for(m, bn, relu, dtype)
+        winograd += [name] if fast else []
+        setattr(features, name, fast or PackedConv2d(m, bn, relu, dtype, (n, m.in_channels, h, w)))
         for j in range(i + 1, i + 1 + (bn is not None) + relu):
             setattr(features, layers[j][0], Folded(layers[j][1]))
     fused = "" if keep_layer_outputs else " with batch norm folded and ReLU fused"
-    return notes + [f"convolutions on oneDNN weights laid out once{fused}"]
+    notes.append(f"convolutions on oneDNN weights laid out once{fused}")
+    if winograd:
+        notes.append(f"Winograd F({RULES[dtype].m}x{RULES[dtype].m}, 3x3) for "
+                     f"{', '.join(winograd)} (winograd.RULES)")
+    return notes
+
+
+def winograd_for(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, dtype: torch.dtype
+                 ) -> WinogradConv2d | None:
+    """The Winograd form of ``conv`` where ``winograd.RULES`` picks it for ``dtype`` and it runs
+    correctly here; None for the direct convolution. ``VGGNET_WINOGRAD=0`` turns it off."""
+    rule = RULES.get(dtype)
+    if (os.environ.get("VGGNET_WINOGRAD", "1") == "0" or rule is None or not rule.applies(conv)
+            or winograd_works(dtype, rule.m) is not None):
+        return None
+    return WinogradConv2d(conv, bn, relu, dtype, rule.m)
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear on oneDNN weights laid out once (``torch.ops.mkldnn._reorder_linear_weight``).
+
+    Why: ``F.linear`` hands oneDNN (bf16) or MKL (float32) the plain weights on every call;
+    fc6 of VGG-16 (103M weights) at batch 1 took 20-30 ms in bf16 that way and 10-11 ms packed
+    (1 thread), float32 at batch 8 81 -> 33 ms. Still an nn.Linear to everything that looks
+    (its ``weight`` and ``bias`` stay registered: the state_dict is unchanged; changing them
+    later changes nothing here). Input of any float dtype is cast to ``dtype``. The price: the
+    packed copy of the weights (fc6: 205 MB in bf16) next to the module's own.
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, batch: int) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.dtype = dtype
+        # plain attributes, not buffers (as in PackedConv2d): never moved or saved
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(
+            linear.weight.detach().to(dtype).contiguous(), batch)
+        self._bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self._packed, self._bias,
+                                                  "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.dtype}, oneDNN weights"
+
+
+@functools.cache
+def linear_packing_works(dtype: torch.dtype) -> str | None:
+    """None when ``PackedLinear`` runs in ``dtype`` here and matches F.linear; else why not."""
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(48, 24)
+    x = torch.randn(3, 48, generator=g)
+    try:
+        with torch.no_grad():
+            got = PackedLinear(linear, dtype, 3)(x).float()
+            ref = F.linear(x.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype)).float()
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        return f"torch.ops.mkldnn linear refused {dtype}: {str(e).splitlines()[0][:120]}"
+    err = ((got - ref).norm() / ref.norm()).item()
+    if err <= (1e-2 if dtype == torch.bfloat16 else 1e-5):
+        return None
+    return f"packed linear differs from F.linear by {err:.2e} ({dtype})"
+
+
+def pack_linears(classifier: nn.Sequential, dtype: torch.dtype, batch: int) -> list[str]:
+    """Each nn.Linear of ``classifier`` becomes a ``PackedLinear`` (in place); returns notes."""
+    why = linear_packing_works(dtype)
+    if why:
+        return [f"linear layers left unpacked ({why})"]
+    for name, m in list(classifier.named_children()):
+        if type(m) is nn.Linear:
+            setattr(classifier, name, PackedLinear(m, dtype, batch))
+    return ["linear layers on oneDNN weights laid out once"]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)

@@ -204,7 +204,7 @@ def linear_as_conv(fc: nn.Linear, x: torch.Tensor, kernel: int) -> torch.Tensor:
     """
     n, _, h, w = x.shape
     cols = F.unfold(x, kernel) if kernel > 1 else x.flatten(2)  # (N, C*k*k, L)
-    y = F.linear(cols.transpose(1, 2), fc.weight, fc.bias)  # (N, L, out)
+    y = fc(cols.transpose(1, 2))  # (N, L, out): F.linear, or a packed layer's own product
     return y.transpose(1, 2).unflatten(2, (h - kernel + 1, w - kernel + 1))
 
 

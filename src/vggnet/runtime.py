@@ -132,12 +132,14 @@ class Runtime:
         autocast would compute with anyway, without casting 120M weights on every call),
         switches to channels_last, and on the CPU rewrites a VGG's convolutional part
         (``fuse.fuse_for_inference``): convolutions on oneDNN weights laid out once for
-        ``batch`` crops, batch norm folded and ReLU fused into them (unless
-        ``keep_layer_outputs``: then every layer's output stays what ``VGG.extract`` documents),
-        and 2x2 max-pools as ``MaxPool2x2``; and asks malloc to keep freed memory for reuse
-        (``fuse.keep_freed_memory``). What was done is in ``model.inference_notes``.
-        Call it inside ``rt.autocast()`` / ``rt.inference()`` like any other model. Changes
-        the model in place: pass ``copy.deepcopy(model)`` to keep the original for training.
+        ``batch`` crops or by Winograd where ``winograd.RULES`` picks it, batch norm folded and
+        ReLU fused into them (unless ``keep_layer_outputs``: then every layer's output stays
+        what ``VGG.extract`` documents), 2x2 max-pools as ``MaxPool2x2``, the classifier's
+        linear layers on oneDNN weights laid out once (``fuse.pack_linears``); and asks malloc
+        to keep freed memory for reuse (``fuse.keep_freed_memory``). What was done is in
+        ``model.inference_notes``. Call it inside ``rt.autocast()`` / ``rt.inference()`` like
+        any other model. Changes the model in place: pass ``copy.deepcopy(model)`` to keep the
+        original for training.
         """
         model = model.eval().to(self.device)
         if self.amp_dtype is not None:
@@ -151,11 +153,13 @@ class Runtime:
         # PackedConv2d's per-shape cache in Python)
         if (self.device.type == "cpu" and isinstance(features, nn.Sequential) and config
                 and not self.compile):
-            from .fuse import fuse_for_inference, keep_freed_memory
+            from .fuse import fuse_for_inference, keep_freed_memory, pack_linears
 
             size = (batch, config.in_channels, config.crop_size, config.crop_size)
-            model.inference_notes = fuse_for_inference(
-                features, self.amp_dtype or torch.float32, size, keep_layer_outputs)
+            dtype = self.amp_dtype or torch.float32
+            model.inference_notes = fuse_for_inference(features, dtype, size, keep_layer_outputs)
+            if isinstance(getattr(model, "classifier", None), nn.Sequential):
+                model.inference_notes += pack_linears(model.classifier, dtype, batch)
             model.inference_notes.append(keep_freed_memory())
         if not self.compile:
             return model
