@@ -91,6 +91,7 @@ def _vgg():
 
 
 def test_prepare_inference_uses_winograd_where_the_rule_says(monkeypatch):
+    monkeypatch.setenv("VGGNET_WINOGRAD", "1")
     # the real rules start at 64-256 channels; a width-1/8 net needs lower thresholds
     monkeypatch.setitem(winograd.RULES, torch.float32, Rule(m=4, min_in=16, min_out=16))
     model = _vgg()
@@ -113,6 +114,7 @@ def test_prepare_inference_uses_winograd_where_the_rule_says(monkeypatch):
 
 
 def test_keep_layer_outputs_with_winograd(monkeypatch):
+    monkeypatch.setenv("VGGNET_WINOGRAD", "1")
     monkeypatch.setitem(winograd.RULES, torch.float32, Rule(m=2, min_in=8, min_out=8))
     model = _vgg()
     x = torch.randn(2, 3, 32, 32)
@@ -127,12 +129,28 @@ def test_keep_layer_outputs_with_winograd(monkeypatch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-4)
 
 
-def test_winograd_off_or_failing_falls_back_to_direct(monkeypatch):
+@pytest.mark.parametrize("mode, threads, used", [("auto", 1, True), ("auto", 2, False),
+                                                ("1", 2, True), ("0", 1, False)])
+def test_winograd_by_default_only_with_one_thread(monkeypatch, mode, threads, used):
+    """Auto: on with one intra-op thread only (with two, a busy second core stalls each of its
+    many small ops: fuse.winograd_wanted)."""
     monkeypatch.setitem(winograd.RULES, torch.float32, Rule(m=4, min_in=8, min_out=8))
-    monkeypatch.setenv("VGGNET_WINOGRAD", "0")
-    fast = make_runtime("cpu", "fp32").prepare_inference(_vgg())
-    assert not any(isinstance(m, WinogradConv2d) for m in fast.modules())
-    monkeypatch.delenv("VGGNET_WINOGRAD")
+    monkeypatch.setenv("VGGNET_WINOGRAD", mode)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = make_runtime("cpu", "fp32").prepare_inference(_vgg())
+    finally:
+        torch.set_num_threads(before)
+    assert any(isinstance(m, WinogradConv2d) for m in fast.modules()) is used
+    monkeypatch.setenv("VGGNET_WINOGRAD", "yes")
+    with pytest.raises(ValueError, match="VGGNET_WINOGRAD must be auto, 0 or 1, got 'yes'"):
+        fuse.winograd_wanted()
+
+
+def test_winograd_failing_falls_back_to_direct(monkeypatch):
+    monkeypatch.setitem(winograd.RULES, torch.float32, Rule(m=4, min_in=8, min_out=8))
+    monkeypatch.setenv("VGGNET_WINOGRAD", "1")
 
     def broken(*args, **kwargs):
         raise RuntimeError("bmm: not here")

@@ -198,12 +198,26 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
 def winograd_for(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, dtype: torch.dtype
                  ) -> WinogradConv2d | None:
     """The Winograd form of ``conv`` where ``winograd.RULES`` picks it for ``dtype`` and it runs
-    correctly here; None for the direct convolution. ``VGGNET_WINOGRAD=0`` turns it off."""
+    correctly here, and ``winograd_wanted()``; None for the direct convolution."""
     rule = RULES.get(dtype)
-    if (os.environ.get("VGGNET_WINOGRAD", "1") == "0" or rule is None or not rule.applies(conv)
+    if (not winograd_wanted() or rule is None or not rule.applies(conv)
             or winograd_works(dtype, rule.m) is not None):
         return None
     return WinogradConv2d(conv, bn, relu, dtype, rule.m)
+
+
+def winograd_wanted() -> bool:
+    """``VGGNET_WINOGRAD``: "1" on, "0" off, unset or "auto": on only with one intra-op thread
+    (``torch.get_num_threads()``). Why: a Winograd layer is 5-6 ops per block of tiles, each an
+    OpenMP region whose threads wait for each other at its end; when another process (a data
+    loader worker, anything) holds one of the cores, every region waits a scheduler tick for
+    its descheduled partner. Measured 2026-12-04 at 2 threads under load 2.4-3.3: 0.2x the
+    direct convolution (VGG-16 batch 8: 2.31 against 11.8 img/s); one thread never waits, and
+    there Winograd is 1.1-2.7x the direct convolution per layer (docs/benchmarks.md)."""
+    mode = os.environ.get("VGGNET_WINOGRAD", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"VGGNET_WINOGRAD must be auto, 0 or 1, got {mode!r}")
+    return mode == "1" or (mode == "auto" and torch.get_num_threads() == 1)
 
 
 class PackedLinear(nn.Linear):
