@@ -323,6 +323,10 @@ def test_localisation_study_end_to_end_and_resumes(tmp_path, capsys):
     s384 = json.loads((out / "localisation" / "localizers" / "PCR-all@384" / "settings.json")
                       .read_text())
     assert s384["scale"] == [110, 110] and s384["init_from"].endswith("D@384/last.pt")
+    # --batch-size 16 scales the reduced preset's lr 0.05 (batch 64) to 0.0125
+    assert s384["batch_size"] == 16 and abs(s384["lr"] - 0.0125) < 1e-12
+    assert "lr 0.0125 (the paper: 1e-3" in report and "(the preset's 0.05 at batch 64, scaled)" \
+        in report
     d384 = json.loads((out / "localisation" / "nets" / "D@384" / "settings.json").read_text())
     assert d384["init_from"].endswith("D@256") and abs(d384["lr"] - 1e-3) < 1e-12
     # rerun: nothing is trained again; a deleted cell is evaluated again
@@ -355,3 +359,11 @@ def test_a_localisation_run_plots_its_own_loss_and_error():
     labels = [t.get_text() for t in figs["error"].axes[0].get_legend().get_texts()]
     assert labels == ["train boxes missed (IoU < 0.5)", "val protocol-1 error",
                       "best.pt (epoch 2)"]
+
+
+def test_the_study_scales_the_localisers_lr_with_its_batch():
+    from vggnet.reproduce_localisation import localizer_recipe
+
+    assert localizer_recipe("reduced", None) == (0.05, 64)
+    assert localizer_recipe("reduced", 16) == (0.0125, 16)
+    assert localizer_recipe("paper", 512) == (2e-3, 512)

@@ -98,11 +98,12 @@ class LocalisationStudy(Study):
             self.log(f"[{job.id}] resuming the interrupted localisation run in {folder}")
             result = train(resume=folder, task=_resuming(), **runtime)
         else:
+            lr, batch = localizer_recipe(self.preset.train_preset, self.s.batch_size)
             settings, task = new_box_run(
                 str(self.net_folder(job.net) / "last.pt"), self.data, job.regression,
                 job.finetune, self.q(SCALES[job.net.split("@")[1]]),
                 preset=self.preset.train_preset, out=str(folder), seed=job.seed, scan=False,
-                epochs=self.preset.localizer_epochs, batch_size=self.s.batch_size, **runtime)
+                epochs=self.preset.localizer_epochs, batch_size=batch, lr=lr, **runtime)
             self.log(f"[{job.id}] training a {job.regression} localisation net from {job.net}"
                      f" ({job.finetune} layers, S={settings.scale[0]}, lr {settings.lr:g})")
             result = train(settings, task=task)
@@ -304,13 +305,25 @@ def _here(paper: str, here: str) -> str:
     return paper if paper == here else f"{paper} (here {here})"
 
 
+def localizer_recipe(preset: str, batch_size: int | None) -> tuple[float, int]:
+    """(lr, batch) of the study's localisation nets: the preset's, with the lr scaled in
+    proportion when --batch-size changes the batch (the linear scaling rule: at batch 16 the
+    reduced preset's lr 0.05 for batch 64 diverged)."""
+    rec = LOCALISATION_PRESETS[preset]
+    batch = batch_size or rec["batch_size"]
+    return rec["lr"] * batch / rec["batch_size"], batch
+
+
 def localisation_study_report(cells: Mapping, study, trained: Sequence[Mapping],
                               localizers: Sequence[Mapping], timing: Mapping) -> str:
     """OUT/localisation/report.md."""
     p, d = study.preset, study.dataset
     rec = LOCALISATION_PRESETS[p.train_preset]
+    lr, batch = localizer_recipe(p.train_preset, study.s.batch_size)
     lr_note = ("" if rec["lr"] == 1e-3 else " (the paper: 1e-3, which barely moves boxes "
                "encoded in [0, 1] within a few epochs; docs/localisation.md)")
+    if batch != rec["batch_size"]:
+        lr_note += f" (the preset's {rec['lr']:g} at batch {rec['batch_size']}, scaled)"
     level = noise(cells)
     lines = [
         "# Reproducing Simonyan & Zisserman (ICLR 2015), Appendix A: localisation (Tables 8-9)",
@@ -318,7 +331,7 @@ def localisation_study_report(cells: Mapping, study, trained: Sequence[Mapping],
         f"{' with batch norm' if p.batch_norm else ''}, width {study.base.width:g}, crop "
         f"{study.crop}, S=256 from scratch ({p.epochs or study.base.epochs} epochs), S=384 from "
         f"it at lr/10 ({p.finetune_epochs or study.base.epochs} epochs); localisation nets: "
-        f"lr {rec['lr']:g}{lr_note}, batch {study.s.batch_size or rec['batch_size']}, "
+        f"lr {lr:g}{lr_note}, batch {batch}, "
         f"{p.localizer_epochs or rec['epochs']} epochs, fixed S, validated by protocol 1; "
         "evaluated from last.pt",
         f"- Data: `{study.data}`: {len(d.train):,} training and {len(d.val):,} validation images,"
