@@ -254,6 +254,28 @@ def test_finetune_command_end_to_end(folder, tmp_path, capsys):
     assert (run / "report.md").read_text().count("## Evaluation of best.pt") == 1
 
 
+def test_a_fine_tune_whose_dataset_moved_resumes_with_its_new_place(folder, tmp_path, capsys):
+    """`vggnet finetune --resume RUN NEW_DIR` (before, only `vggnet train --resume --data`
+    could, which skips finetune's evaluation)."""
+    import shutil
+
+    source_weights(tmp_path / "tv.safetensors", model="A", classes=3)
+    shutil.copytree(folder, tmp_path / "d")
+    run = tmp_path / "run"
+    assert main(["finetune", str(tmp_path / "d"), "--weights", str(tmp_path / "tv.safetensors"),
+                 "--val-split", "0.25", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                 "--no-progress", "--out", str(run), "--precision", "fp32"]) == 0
+    (tmp_path / "d").rename(tmp_path / "moved")
+    capsys.readouterr()
+    resume = ["finetune", "--resume", str(run), "--epochs", "2", "--no-progress"]
+    assert main(resume) == 2
+    assert "`vggnet finetune --resume RUN NEW_DIR`" in capsys.readouterr().err
+    assert main(resume + [str(tmp_path / "moved")]) == 0
+    assert "fine-tuning finished after 2 epoch(s)" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["train_settings"]["data"] == str(tmp_path / "moved")
+    assert (run / "report.md").read_text().count("## Evaluation of best.pt") == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["finetune", "DIR"], "give the dataset folder and the weights to start from"),
     (["finetune", "--resume", "R", "--weights", "W"], "--resume continues a run with its own"),

@@ -415,7 +415,8 @@ def test_data_is_stored_absolute_and_a_moved_dataset_can_be_given_on_resume(
     assert main(resume) == 2
     err = capsys.readouterr().err
     assert (f"the run's dataset folder {str(tmp_path / 'd')!r} does not exist; if it moved, "
-            f"give its new place with --data NEW_DIR beside --resume") in err, err
+            f"give its new place beside --resume (`vggnet train --resume RUN --data NEW_DIR`, "
+            f"`vggnet finetune --resume RUN NEW_DIR`)") in err, err
     smaller = tmp_path / "smaller"
     shutil.copytree(tmp_path / "moved", smaller)
     next((smaller / "train" / "disc").iterdir()).unlink()

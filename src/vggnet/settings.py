@@ -753,8 +753,8 @@ class FinetuneSettings:
                              "folder per class with --val-split", positional="?")
     weights: str | None = option(None, "trained weights to start from: a `vggnet convert` file,"
                                  " our weights, a checkpoint or a run folder")
-    resume: str | None = option(None, "continue the fine-tuning run in this folder (then no DIR "
-                                "or --weights)", metavar="RUN")
+    resume: str | None = option(None, "continue the fine-tuning run in this folder (no "
+                                "--weights; DIR only where its dataset moved)", metavar="RUN")
     out: str | None = option(None, "run folder (default runs/finetune-MODEL-DATE)")
     val_split: float | None = option(None, "DIR is one folder per class: hold out this fraction"
                                      " of each class for validation (e.g. 0.1)",

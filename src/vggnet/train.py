@@ -395,7 +395,9 @@ def settings_and_checkpoint(settings: TrainSettings | None, resume: Path | None,
     check_state_fits(config, ckpt["model"], repr(str(path)), "its training settings describe")
     if "data" not in given and not Path(s.data).is_dir():
         raise FileNotFoundError(f"the run's dataset folder {s.data!r} does not exist; if it "
-                                "moved, give its new place with --data NEW_DIR beside --resume")
+                                "moved, give its new place beside --resume (`vggnet train "
+                                "--resume RUN --data NEW_DIR`, `vggnet finetune --resume RUN "
+                                "NEW_DIR`)")
     return s, ckpt
 
 
