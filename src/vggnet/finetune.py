@@ -16,7 +16,6 @@ neither trained nor evaluated again (unless ``--epochs`` extends it).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -98,21 +97,18 @@ def evaluated(folder: Path) -> bool:
 def finetune_command(s: FinetuneSettings) -> int:
     """``vggnet finetune``: start (or ``--resume``) the run, then evaluate best.pt; exit code
     130 when interrupted (continue with --resume)."""
-    import dataclasses
-    import json
-
     from .train import train
 
     how = {k: getattr(s, k) for k in ("device", "precision", "workers")}
-    moved = {} if s.dir is None or not s.resume else {"data": os.path.abspath(s.dir)}
     if s.resume:
         if s.weights:
             raise ValueError("--resume continues a run with its own weights; give --resume RUN "
                              "(with how it runs: --device, --precision, --workers, --progress; "
                              "--epochs to extend it; DIR only if its dataset moved there)")
         extend = {} if s.epochs is None else {"epochs": s.epochs}
+        moved = {} if s.dir is None else {"data": s.dir}  # checked to be the same data
         result = train(resume=s.resume, progress=s.progress, task=FinetuneTask(), **how,
-                       **extend, **moved)  # moved: checked to be the same data
+                       **extend, **moved)
     elif not s.dir or not s.weights:
         raise ValueError("give the dataset folder and the weights to start from: `vggnet "
                          "finetune DIR --weights W` (or --resume RUN)")
@@ -125,7 +121,5 @@ def finetune_command(s: FinetuneSettings) -> int:
     print(f"fine-tuning {result.status} after {result.epochs} epoch(s), "
           f"{result.seconds / 60:.1f} min: best val top-1 error (centre crop) "
           f"{100 * result.best_top1_err:.2f}%; run folder {result.folder}")
-    ts = TrainSettings.from_dict(json.loads((result.folder / "settings.json").read_text()))
-    ts = dataclasses.replace(ts, **{k: v for k, v in how.items() if v is not None}, **moved)
-    evaluate_run(result.folder, ts, s.evaluation, s.progress)
+    evaluate_run(result.folder, result.settings, s.evaluation, s.progress)
     return 0

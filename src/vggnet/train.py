@@ -897,6 +897,8 @@ class TrainResult:
     best_top5_err: float
     seconds: float
     history: list[dict] = field(default_factory=list)
+    # what the run trained with (a resumed run: its checkpoint's, with the overrides given)
+    settings: TrainSettings | None = None
 
 
 def train(settings: TrainSettings | None = None, resume: str | os.PathLike | None = None,
@@ -934,7 +936,7 @@ def check_resumed(s: TrainSettings, ckpt: dict, path: Path) -> TrainResult | Non
     if main:
         print(why, flush=True)
     return TrainResult(path.parent, "already finished", ckpt["epoch"], ckpt["best_top1_err"],
-                       ckpt["best_top5_err"], 0.0, list(ckpt["metrics"]))
+                       ckpt["best_top5_err"], 0.0, list(ckpt["metrics"]), s)
 
 
 def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], None] | None,
@@ -963,7 +965,8 @@ def run_training(s: TrainSettings, ckpt: dict | None, on_step: Callable[[int], N
                         status = "interrupted"
                         break
             result = TrainResult(run.folder, status, state.epoch, state.best_top1_err,
-                                 state.best_top5_err, time.perf_counter() - t_start, state.history)
+                                 state.best_top5_err, time.perf_counter() - t_start, state.history,
+                                 s)
             if status != "interrupted":
                 log.plots(state.history, f"{run.folder.name}: {run.config.label}",
                           run.task.plots)
