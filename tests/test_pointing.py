@@ -4,6 +4,7 @@ brightest pixel, and the bookkeeping and centre baseline on the built-in dataset
 import torch
 
 import vggnet
+from test_explain import max_pixel_net  # class 2 scores the maximum of input channel 0
 from vggnet.annotations import attach_boxes, read_boxes
 from vggnet.data import open_dataset
 from vggnet.pointing import PointingResult, inside, peak_points, play_batch, pointing_game
@@ -29,22 +30,6 @@ def test_peak_points_after_upsampling():
     sal = torch.zeros(1, 8, 8)
     sal[0, 5, 2] = 3.0  # at the input's size: the pixel itself
     assert peak_points(sal, (8, 8)).tolist() == [[2.5, 5.5]]
-
-
-def max_pixel_net() -> vggnet.VGG:
-    """VGG A at width 1/64 whose class 2 scores the maximum of input channel 0 (see
-    tests/test_explain.py): saliency peaks at the brightest pixel, Grad-CAM at its cell."""
-    model = vggnet.create_model("A", num_classes=3, width=1 / 64, crop_size=32, seed=0).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, m in model.features.named_children():
-            if name.startswith("conv"):
-                m.weight[0, 0, 1, 1] = 1.0
-        model.classifier.fc6.weight[0, 0] = 1.0
-        model.classifier.fc7.weight[0, 0] = 1.0
-        model.classifier.fc8.weight[2, 0] = 1.0
-    return model
 
 
 def test_hits_by_hand():
