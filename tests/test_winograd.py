@@ -8,7 +8,7 @@ from torch import nn
 
 from vggnet import fuse, winograd
 from vggnet.runtime import make_runtime
-from vggnet.winograd import Rule, WinogradConv2d, tile_blocks
+from vggnet.winograd import PickedConv2d, Rule, WinogradConv2d, tile_blocks
 
 # the matmuls, oneDNN's packed layers and their refusals depend on the instruction set: the
 # whole module runs again under the AVX2 cap
@@ -129,23 +129,83 @@ def test_keep_layer_outputs_with_winograd(monkeypatch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode, threads, used", [("auto", 1, True), ("auto", 2, False),
-                                                ("1", 2, True), ("0", 1, False)])
-def test_winograd_by_default_only_with_one_thread(monkeypatch, mode, threads, used):
-    """Auto: on with one intra-op thread only (with two, a busy second core stalls each of its
-    many small ops: fuse.winograd_wanted)."""
+@pytest.mark.parametrize("mode, kind", [("auto", PickedConv2d), ("1", WinogradConv2d),
+                                        ("0", fuse.PackedConv2d)])
+def test_winograd_mode(monkeypatch, mode, kind):
+    """auto: both forms, the faster picked by timing; 1: Winograd always; 0: never."""
     monkeypatch.setitem(winograd.RULES, torch.float32, Rule(m=4, min_in=8, min_out=8))
     monkeypatch.setenv("VGGNET_WINOGRAD", mode)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fast = make_runtime("cpu", "fp32").prepare_inference(_vgg())
-    finally:
-        torch.set_num_threads(before)
-    assert any(isinstance(m, WinogradConv2d) for m in fast.modules()) is used
+    model = _vgg()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    keys = set(model.state_dict())
+    rt = make_runtime("cpu", "fp32")
+    fast = rt.prepare_inference(model, batch=2)
+    assert type(fast.features.conv3_1) is kind and type(fast.features.conv1_1) is fuse.PackedConv2d
+    assert set(fast.state_dict()) == keys
+    with rt.inference():
+        torch.testing.assert_close(fast(rt.input(x)), ref, rtol=1e-4, atol=1e-4)
+    if kind is PickedConv2d:  # the first call picked a form for this size
+        assert set(fast.features.conv3_1.choices().values()) <= {"direct", "winograd"}
+        assert len(fast.features.conv3_1.choices()) == 1
     monkeypatch.setenv("VGGNET_WINOGRAD", "yes")
     with pytest.raises(ValueError, match="VGGNET_WINOGRAD must be auto, 0 or 1, got 'yes'"):
-        fuse.winograd_wanted()
+        fuse.winograd_mode()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Form(nn.Module):
+    """A stand-in form that takes ``cost`` seconds on ``clock`` and adds ``value``."""
+
+    def __init__(self, clock: _Clock, cost: float, value: float) -> None:
+        super().__init__()
+        self.clock, self.cost, self.value, self.calls = clock, cost, value, 0
+        self.weight, self.bias = nn.Parameter(torch.zeros(1)), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.cost
+        self.calls += 1
+        return x + self.value
+
+
+def test_picked_conv_runs_the_faster_form_and_measures_again_when_it_slows():
+    clock = _Clock()
+    direct, fast = _Form(clock, 3.0, 1.0), _Form(clock, 2.0, 2.0)
+    layer = PickedConv2d(direct, fast)
+    layer.clock = clock
+    x = torch.zeros(1, 1, 4, 4)
+    assert layer(x).eq(2).all()  # the faster form's output
+    assert (direct.calls, fast.calls) == (layer.TRIALS, layer.TRIALS)
+    key = layer.size_class(x)
+    assert layer.choices() == {key: "winograd"}
+    fast.cost = 3.9  # slower, but within SLOWER x the 2.0 it was picked with: kept
+    for _ in range(5):
+        assert layer(x).eq(2).all()
+    fast.cost = 10.0  # the machine got busy: STRIKES slow calls in a row, then measured again
+    for cost in (10.0, 10.0, 2.0, 10.0, 10.0):  # a normal call resets the count
+        fast.cost = cost
+        assert layer(x).eq(2).all()
+    assert layer.choices() == {key: "winograd"} and direct.calls == layer.TRIALS
+    assert layer(x).eq(2).all()  # third slow call in a row: measure on the next call
+    assert layer.choices() == {}
+    assert layer(x).eq(1).all()  # direct (3.0) now beats Winograd (10.0)
+    assert layer.choices() == {key: "direct"} and direct.calls == 2 * layer.TRIALS
+    assert set(layer.state_dict()) == {"weight"}  # the forms are not submodules
+
+
+def test_size_classes_follow_the_work():
+    cls = PickedConv2d.size_class
+    assert cls(torch.empty(1, 3, 384, 512)) == cls(torch.empty(1, 3, 384, 500))
+    assert cls(torch.empty(1, 3, 224, 224)) != cls(torch.empty(8, 3, 224, 224))
+    assert cls(torch.empty(2, 3, 16, 16)) == cls(torch.empty(1, 3, 16, 32))
 
 
 def test_winograd_failing_falls_back_to_direct(monkeypatch):

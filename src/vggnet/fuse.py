@@ -1,6 +1,6 @@
 """Inference-only rewrites of a VGG on the CPU: oneDNN convolutions on weights laid out once,
-with eval-mode batch norm folded in and ReLU fused, Winograd convolutions where they win
-(``winograd.py``), linear layers on weights laid out once, and a faster 2x2 max-pool.
+with eval-mode batch norm folded in and ReLU fused, Winograd convolutions where they time
+faster (``winograd.py``), linear layers on weights laid out once, and a faster 2x2 max-pool.
 
 Why (measured, docs/benchmarks.md): an eager ``nn.Conv2d`` hands oneDNN plain (O, I, kh, kw)
 weights, which oneDNN reorders into its blocked layout on every call; a float32 VGG-16 forward
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .folding import fold_batch_norm
-from .winograd import RULES, WinogradConv2d, winograd_works
+from .winograd import RULES, PickedConv2d, WinogradConv2d, winograd_works
 
 
 class MaxPool2x2(nn.Module):
@@ -155,12 +155,13 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
                        keep_layer_outputs: bool = False) -> list[str]:
     """Rewrite a VGG's ``features`` in place for CPU inference; returns notes on what was done.
 
-    Each conv becomes a ``winograd.WinogradConv2d`` where ``winograd.RULES`` picks Winograd for
-    its shape and ``dtype`` (and ``winograd_works``), else a ``PackedConv2d`` (laid out for
-    ``input_size``, the first layer's (N, C, H, W)); unless ``keep_layer_outputs``, the batch
-    norm and ReLU after it are folded and fused into it and their slots become ``Folded`` (so
-    the convX_Y and bnX_Y outputs that ``VGG.extract`` returns would be post-ReLU: pass True to
-    keep every layer's output). Plain 2x2 max-pools become ``MaxPool2x2`` in every case.
+    Each conv becomes its ``conv_for`` form: a ``PackedConv2d`` (laid out for ``input_size``,
+    the first layer's (N, C, H, W)) or, where ``winograd.RULES`` allows, the faster of it and
+    a ``winograd.WinogradConv2d`` by timing (``winograd.PickedConv2d``); unless
+    ``keep_layer_outputs``, the batch norm and ReLU after it are folded and fused into it and
+    their slots become ``Folded`` (so the convX_Y and bnX_Y outputs that ``VGG.extract``
+    returns would be post-ReLU: pass True to keep every layer's output). Plain 2x2 max-pools
+    become ``MaxPool2x2`` in every case.
     """
     notes = []
     for name, child in list(features.named_children()):
@@ -182,42 +183,44 @@ def fuse_for_inference(features: nn.Sequential, dtype: torch.dtype, input_size: 
         bn = nxt[0] if fold else None
         after = nxt[1 if bn is not None else 0] if len(nxt) > (bn is not None) else None
         relu = isinstance(after, nn.ReLU) and not keep_layer_outputs
-        fast = winograd_for(m, bn, relu, dtype)
-        winograd += [name] if fast else []
-        setattr(features, name, fast or PackedConv2d(m, bn, relu, dtype, (n, m.in_channels, h, w)))
+        fast = conv_for(m, bn, relu, dtype, (n, m.in_channels, h, w))
+        winograd += [name] if not isinstance(fast, PackedConv2d) else []
+        setattr(features, name, fast)
         for j in range(i + 1, i + 1 + (bn is not None) + relu):
             setattr(features, layers[j][0], Folded(layers[j][1]))
     fused = "" if keep_layer_outputs else " with batch norm folded and ReLU fused"
     notes.append(f"convolutions on oneDNN weights laid out once{fused}")
     if winograd:
+        how = ("always (VGGNET_WINOGRAD=1)" if winograd_mode() == "1" else
+               "where it times faster than the direct convolution (winograd.PickedConv2d)")
         notes.append(f"Winograd F({RULES[dtype].m}x{RULES[dtype].m}, 3x3) for "
-                     f"{', '.join(winograd)} (winograd.RULES)")
+                     f"{', '.join(winograd)} (winograd.RULES), {how}")
     return notes
 
 
-def winograd_for(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, dtype: torch.dtype
-                 ) -> WinogradConv2d | None:
-    """The Winograd form of ``conv`` where ``winograd.RULES`` picks it for ``dtype`` and it runs
-    correctly here, and ``winograd_wanted()``; None for the direct convolution."""
-    rule = RULES.get(dtype)
-    if (not winograd_wanted() or rule is None or not rule.applies(conv)
+def conv_for(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, dtype: torch.dtype,
+             input_size: tuple[int, int, int, int]) -> nn.Module:
+    """The inference form of ``conv``: ``PackedConv2d``, or where ``winograd.RULES`` makes it a
+    Winograd candidate for ``dtype`` and Winograd runs correctly here (``winograd_works``),
+    the faster of both by timing (``PickedConv2d``), or Winograd alone when
+    ``VGGNET_WINOGRAD=1``."""
+    rule, mode = RULES.get(dtype), winograd_mode()
+    if (mode == "0" or rule is None or not rule.applies(conv)
             or winograd_works(dtype, rule.m) is not None):
-        return None
-    return WinogradConv2d(conv, bn, relu, dtype, rule.m)
+        return PackedConv2d(conv, bn, relu, dtype, input_size)
+    fast = WinogradConv2d(conv, bn, relu, dtype, rule.m)
+    if mode == "1":
+        return fast
+    return PickedConv2d(PackedConv2d(conv, bn, relu, dtype, input_size), fast)
 
 
-def winograd_wanted() -> bool:
-    """``VGGNET_WINOGRAD``: "1" on, "0" off, unset or "auto": on only with one intra-op thread
-    (``torch.get_num_threads()``). Why: a Winograd layer is 5-6 ops per block of tiles, each an
-    OpenMP region whose threads wait for each other at its end; when another process (a data
-    loader worker, anything) holds one of the cores, every region waits a scheduler tick for
-    its descheduled partner. Measured 2026-12-04 at 2 threads under load 2.4-3.3: 0.2x the
-    direct convolution (VGG-16 batch 8: 2.31 against 11.8 img/s); one thread never waits, and
-    there Winograd is 1.1-2.7x the direct convolution per layer (docs/benchmarks.md)."""
+def winograd_mode() -> str:
+    """``VGGNET_WINOGRAD``: unset or "auto" (picked per layer and input size by timing,
+    ``winograd.PickedConv2d``), "1" (always, where ``winograd.RULES`` allows) or "0" (never)."""
     mode = os.environ.get("VGGNET_WINOGRAD", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"VGGNET_WINOGRAD must be auto, 0 or 1, got {mode!r}")
-    return mode == "1" or (mode == "auto" and torch.get_num_threads() == 1)
+    return mode
 
 
 class PackedLinear(nn.Linear):

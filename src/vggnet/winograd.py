@@ -25,6 +25,8 @@ the demo model (98.2%), so bf16 uses F(2x2) only. Which layers and which m: ``RU
 from __future__ import annotations
 
 import functools
+import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +160,75 @@ class WinogradConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{tuple(self.weight.shape)}, {self.dtype}, F({self.m}x{self.m}, 3x3)"
                 + (", batch norm folded" * self.folded) + (", ReLU fused" * self.relu))
+
+
+class PickedConv2d(nn.Module):
+    """One 3x3 layer in both forms, direct (``fuse.PackedConv2d``) and ``WinogradConv2d``; each
+    call runs the form measured faster, here and now, for inputs of that size.
+
+    Why measured, not ruled (docs/benchmarks.md, "Winograd picked by timing"): which form wins
+    depends on the CPU, the batch and image size (per layer at 2 threads, bf16: 0.9-1.5x),
+    and on load: Winograd is several small OpenMP regions per block of tiles, and when another
+    process holds a core each waits for its descheduled partner (measured with one busy core:
+    0.58x the direct convolution at batch 1, 0.75x at batch 8). So the first call for a size
+    class (``size_class``) times both forms, best of ``TRIALS`` calls each (the first call of
+    a form also pays oneDNN's kernel setup), and keeps the faster. Every later call is timed;
+    ``STRIKES`` calls in a row slower than ``SLOWER`` x the time the form was picked with (the
+    machine got busy) and the size class is measured again.
+
+    Same interface as its forms; the conv's ``weight`` and ``bias`` stay registered under the
+    layer's name (the forms are plain attributes: the state_dict is unchanged).
+    """
+
+    TRIALS, STRIKES, SLOWER = 2, 3, 2.0
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, direct: nn.Module, winograd: WinogradConv2d) -> None:
+        super().__init__()
+        self.weight, self.bias = winograd.weight, winograd.bias
+        self._forms = {"direct": direct, "winograd": winograd}  # not submodules: see above
+        # size class -> [form, seconds it was picked with, slow calls in a row]
+        self._picked: dict[int, list] = {}
+
+    @staticmethod
+    def size_class(x: torch.Tensor) -> int:
+        """Inputs within a factor 2^(1/4) of positions (N x H x W) share a choice: dense
+        evaluation meets a new image size per image, and the choice follows the work."""
+        n, _, h, w = x.shape
+        return round(4 * math.log2(n * h * w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = self.size_class(x)
+        if key not in self._picked:
+            return self._pick(key, x)
+        picked = self._picked[key]
+        start = self.clock()
+        y = self._forms[picked[0]](x)
+        slow = self.clock() - start > self.SLOWER * picked[1]
+        picked[2] = picked[2] + 1 if slow else 0
+        if picked[2] >= self.STRIKES:
+            del self._picked[key]  # measure both again on the next call
+        return y
+
+    def _pick(self, key: int, x: torch.Tensor) -> torch.Tensor:
+        best: dict[str, tuple[float, torch.Tensor]] = {}
+        for name, form in self._forms.items():
+            for _ in range(self.TRIALS):
+                start = self.clock()
+                y = form(x)
+                seconds = self.clock() - start
+                if name not in best or seconds < best[name][0]:
+                    best[name] = (seconds, y)
+        name = min(best, key=lambda k: best[k][0])
+        self._picked[key] = [name, best[name][0], 0]
+        return best[name][1]
+
+    def choices(self) -> dict[int, str]:
+        """Size class -> the form picked for it ("direct" or "winograd")."""
+        return {k: v[0] for k, v in self._picked.items()}
+
+    def extra_repr(self) -> str:
+        return f"{self._forms['winograd'].extra_repr()} or direct, picked by timing"
 
 
 @functools.cache
