@@ -95,6 +95,9 @@ def test_bench_peers_rows_and_verdicts(trained, capsys):
                      else rf" with float32 on the trained model: {NUM}%$")
         assert re.search(rf"^peers, {row}: ours {NUM} img/s, baseline {NUM} img/s, ratio {NUM}x "
                          rf"\[target report\]\n    top-1 agreement{agreement}", out, re.M), row
+    # which layers ran Winograd (none here: the 1/16-width net is below winograd.RULES)
+    assert re.search(r"batch 2, vggnet: .*\n    top-1 agreement .*\n    Winograd ran in no layer "
+                     r"\(the others: direct\)$", out, re.M)
     # plain is the reference of every agreement: 100% by definition
     assert re.search(r"batch 2, plain: .*\n    top-1 agreement .*: 100.0%$", out, re.M)
     for label in ("inference VGG-16 width 0.0625 32 batch 2",

@@ -146,9 +146,15 @@ def test_winograd_mode(monkeypatch, mode, kind):
     assert set(fast.state_dict()) == keys
     with rt.inference():
         torch.testing.assert_close(fast(rt.input(x)), ref, rtol=1e-4, atol=1e-4)
+    ran = winograd.ran_winograd(fast)
     if kind is PickedConv2d:  # the first call picked a form for this size
         assert set(fast.features.conv3_1.choices().values()) <= {"direct", "winograd"}
         assert len(fast.features.conv3_1.choices()) == 1
+        # one size class per layer so far: the last call ran the form picked for it
+        assert ran == [n for n, m in fast.named_modules() if isinstance(m, PickedConv2d)
+                       and list(m.choices().values()) == ["winograd"]]
+    else:
+        assert ("features.conv3_1" in ran) is (kind is WinogradConv2d)
     monkeypatch.setenv("VGGNET_WINOGRAD", "yes")
     with pytest.raises(ValueError, match="VGGNET_WINOGRAD must be auto, 0 or 1, got 'yes'"):
         fuse.winograd_mode()

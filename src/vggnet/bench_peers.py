@@ -24,6 +24,7 @@ from .bench_timing import Result, interleaved
 from .engines import ENGINES, EngineError, Graphs, installed, open_engine, precisions
 from .model import VGG
 from .runtime import Runtime
+from .winograd import ran_winograd
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,6 +42,7 @@ def pytorch_candidates(model: VGG, rt: Runtime, dense: bool,
         with rt.inference():
             return ours.forward_dense(rt.input(x)) if dense else ours(rt.input(x))
 
+    vggnet.model = ours  # rows() reports which layers ran Winograd
     runs = {"plain": plain, "vggnet": vggnet}
     if not dense and rt.device.type == "cpu":
         from .quantize import quantize_int8
@@ -154,9 +156,19 @@ def rows(label: str, runs: dict[str, Run], x: torch.Tensor, repeats: int,
                 else "top-1 agreement: not measured, no trained model (run `make demo` or give "
                 "--trained)" if not agree else "top-1 agreement: not measured, this candidate "
                 "was left out on the trained model (see above)")
+        notes = [note] + winograd_note(runs[k])
         out.append(Result(f"peers, {label}, {k}", "img/s", rate[k], rate["plain"],
-                          target="report", notes=[note]))
+                          target="report", notes=notes))
     return out + verdicts(label, rate, agree)
+
+
+def winograd_note(run: Run) -> list[str]:
+    """Which of vggnet's layers ran Winograd in the timed calls (winograd.PickedConv2d)."""
+    model = getattr(run, "model", None)
+    if model is None:
+        return []
+    names = [n.rsplit(".", 1)[-1] for n in ran_winograd(model)]
+    return [f"Winograd ran in {', '.join(names) or 'no layer'} (the others: direct)"]
 
 
 def verdicts(label: str, rate: dict[str, float], agree: dict[str, float] | None) -> list:

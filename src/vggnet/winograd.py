@@ -189,6 +189,7 @@ class PickedConv2d(nn.Module):
         self._forms = {"direct": direct, "winograd": winograd}  # not submodules: see above
         # size class -> [form, seconds it was picked with, slow calls in a row]
         self._picked: dict[int, list] = {}
+        self.last = ""  # the form the last call ran (reports: which layers ran Winograd)
 
     @staticmethod
     def size_class(x: torch.Tensor) -> int:
@@ -202,6 +203,7 @@ class PickedConv2d(nn.Module):
         if key not in self._picked:
             return self._pick(key, x)
         picked = self._picked[key]
+        self.last = picked[0]
         start = self.clock()
         y = self._forms[picked[0]](x)
         slow = self.clock() - start > self.SLOWER * picked[1]
@@ -220,7 +222,7 @@ class PickedConv2d(nn.Module):
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, y)
         name = min(best, key=lambda k: best[k][0])
-        self._picked[key] = [name, best[name][0], 0]
+        self._picked[key], self.last = [name, best[name][0], 0], name
         return best[name][1]
 
     def choices(self) -> dict[int, str]:
@@ -229,6 +231,12 @@ class PickedConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self._forms['winograd'].extra_repr()} or direct, picked by timing"
+
+
+def ran_winograd(model: nn.Module) -> list[str]:
+    """Names of ``model``'s convolutions whose last call ran Winograd."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, WinogradConv2d) or getattr(m, "last", "") == "winograd"]
 
 
 @functools.cache
