@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -171,16 +172,16 @@ class PickedConv2d(nn.Module):
     and on load: Winograd is several small OpenMP regions per block of tiles, and when another
     process holds a core each waits for its descheduled partner (measured with one busy core:
     0.58x the direct convolution at batch 1, 0.75x at batch 8). So the first call for a size
-    class (``size_class``) times both forms, best of ``TRIALS`` calls each (the first call of
-    a form also pays oneDNN's kernel setup), and keeps the faster. Every later call is timed;
-    ``STRIKES`` calls in a row slower than ``SLOWER`` x the time the form was picked with (the
-    machine got busy) and the size class is measured again.
+    class (``size_class``) times both forms, the median of ``TRIALS`` calls each (the first
+    call of a form also pays oneDNN's kernel setup), and keeps the faster. Every later call is
+    timed; ``STRIKES`` calls in a row slower than ``SLOWER`` x the time the form was picked
+    with (the machine got busy) and the size class is measured again.
 
     Same interface as its forms; the conv's ``weight`` and ``bias`` stay registered under the
     layer's name (the forms are plain attributes: the state_dict is unchanged).
     """
 
-    TRIALS, STRIKES, SLOWER = 2, 3, 2.0
+    TRIALS, STRIKES, SLOWER = 3, 3, 2.0
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, direct: nn.Module, winograd: WinogradConv2d) -> None:
@@ -213,17 +214,19 @@ class PickedConv2d(nn.Module):
         return y
 
     def _pick(self, key: int, x: torch.Tensor) -> torch.Tensor:
-        best: dict[str, tuple[float, torch.Tensor]] = {}
+        seconds: dict[str, float] = {}
+        outputs: dict[str, torch.Tensor] = {}
         for name, form in self._forms.items():
+            times = []
             for _ in range(self.TRIALS):
                 start = self.clock()
-                y = form(x)
-                seconds = self.clock() - start
-                if name not in best or seconds < best[name][0]:
-                    best[name] = (seconds, y)
-        name = min(best, key=lambda k: best[k][0])
-        self._picked[key], self.last = [name, best[name][0], 0], name
-        return best[name][1]
+                outputs[name] = form(x)
+                times.append(self.clock() - start)
+            # the median: not the first call (kernel setup) nor one lucky call on a busy core
+            seconds[name] = statistics.median(times)
+        name = min(seconds, key=seconds.get)
+        self._picked[key], self.last = [name, seconds[name], 0], name
+        return outputs[name]
 
     def choices(self) -> dict[int, str]:
         """Size class -> the form picked for it ("direct" or "winograd")."""
