@@ -146,14 +146,19 @@ def test_winograd_mode(monkeypatch, mode, kind):
     assert set(fast.state_dict()) == keys
     with rt.inference():
         torch.testing.assert_close(fast(rt.input(x)), ref, rtol=1e-4, atol=1e-4)
-    ran = winograd.ran_winograd(fast)
-    if kind is PickedConv2d:  # the first call picked a form for this size
+    if kind is PickedConv2d:  # after EXPLORE calls a form is picked for this size
+        assert winograd.ran_winograd(fast) == []  # exploring: direct first
+        with rt.inference():
+            for _ in range(PickedConv2d.EXPLORE):
+                torch.testing.assert_close(fast(rt.input(x)), ref, rtol=1e-4, atol=1e-4)
         assert set(fast.features.conv3_1.choices().values()) <= {"direct", "winograd"}
         assert len(fast.features.conv3_1.choices()) == 1
-        # one size class per layer so far: the last call ran the form picked for it
-        assert ran == [n for n, m in fast.named_modules() if isinstance(m, PickedConv2d)
-                       and list(m.choices().values()) == ["winograd"]]
+        # one size class per layer: the last call ran the form picked for it
+        assert winograd.ran_winograd(fast) == [
+            n for n, m in fast.named_modules() if isinstance(m, PickedConv2d)
+            and list(m.choices().values()) == ["winograd"]]
     else:
+        ran = winograd.ran_winograd(fast)
         assert ("features.conv3_1" in ran) is (kind is WinogradConv2d)
     monkeypatch.setenv("VGGNET_WINOGRAD", "yes")
     with pytest.raises(ValueError, match="VGGNET_WINOGRAD must be auto, 0 or 1, got 'yes'"):
@@ -177,34 +182,50 @@ class _Form(nn.Module):
         self.weight, self.bias = nn.Parameter(torch.zeros(1)), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.clock.now += self.cost
+        self.clock.now += self.cost(self.calls) if callable(self.cost) else self.cost
         self.calls += 1
         return x + self.value
 
 
-def test_picked_conv_runs_the_faster_form_and_measures_again_when_it_slows():
+def test_picked_conv_runs_the_faster_form_and_explores_again_when_it_slows():
     clock = _Clock()
     direct, fast = _Form(clock, 3.0, 1.0), _Form(clock, 2.0, 2.0)
     layer = PickedConv2d(direct, fast)
     layer.clock = clock
     x = torch.zeros(1, 1, 4, 4)
-    assert layer(x).eq(2).all()  # the faster form's output
-    assert (direct.calls, fast.calls) == (layer.TRIALS, layer.TRIALS)
     key = layer.size_class(x)
-    assert layer.choices() == {key: "winograd"}
+    # exploring: the forms in turns, each call run once
+    turns = [1, 2] * (layer.EXPLORE // 2)
+    assert [layer(x)[0, 0, 0, 0].item() for _ in range(layer.EXPLORE)] == turns
+    assert layer.choices() == {key: "winograd"}  # median 2.0 against 3.0
     fast.cost = 3.9  # slower, but within SLOWER x the 2.0 it was picked with: kept
     for _ in range(5):
         assert layer(x).eq(2).all()
-    fast.cost = 10.0  # the machine got busy: STRIKES slow calls in a row, then measured again
-    for cost in (10.0, 10.0, 2.0, 10.0, 10.0):  # a normal call resets the count
+    for cost in (10.0, 10.0, 2.0, 10.0, 10.0):  # busy; a normal call resets the count
         fast.cost = cost
         assert layer(x).eq(2).all()
-    assert layer.choices() == {key: "winograd"} and direct.calls == layer.TRIALS
-    assert layer(x).eq(2).all()  # third slow call in a row: measure on the next call
+    assert layer.choices() == {key: "winograd"}
+    assert layer(x).eq(2).all()  # third slow call in a row: explore again from the next call
     assert layer.choices() == {}
-    assert layer(x).eq(1).all()  # direct (3.0) now beats Winograd (10.0)
-    assert layer.choices() == {key: "direct"} and direct.calls == 2 * layer.TRIALS
+    assert [layer(x)[0, 0, 0, 0].item() for _ in range(layer.EXPLORE)] == turns
+    assert layer.choices() == {key: "direct"}  # 3.0 now beats 10.0
+    assert layer(x).eq(1).all()
+    half = layer.EXPLORE // 2
+    assert (direct.calls, fast.calls) == (2 * half + 1, 2 * half + 5 + 6)
     assert set(layer.state_dict()) == {"weight"}  # the forms are not submodules
+
+
+def test_picked_conv_leaves_out_each_forms_setup_calls():
+    clock = _Clock()
+    # Winograd's first 3 calls are slow (setup, fresh memory), then it is the faster form
+    direct, fast = _Form(clock, 3.0, 1.0), _Form(clock, lambda i: 100.0 if i < 3 else 2.0, 2.0)
+    layer = PickedConv2d(direct, fast)
+    layer.clock = clock
+    x = torch.zeros(1, 1, 4, 4)
+    for _ in range(layer.EXPLORE):
+        layer(x)
+    # counted from the first call, its median would be 100 and direct would win
+    assert layer.SETUP == 2 and layer.choices() == {layer.size_class(x): "winograd"}
 
 
 def test_size_classes_follow_the_work():

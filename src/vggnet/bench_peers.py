@@ -24,7 +24,7 @@ from .bench_timing import Result, interleaved
 from .engines import ENGINES, EngineError, Graphs, installed, open_engine, precisions
 from .model import VGG
 from .runtime import Runtime
-from .winograd import ran_winograd
+from .winograd import PickedConv2d, ran_winograd
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 
@@ -146,8 +146,10 @@ def measure(s, cfg, label: str, rt: Runtime, agree: dict[str, dict[str, float]],
 def rows(label: str, runs: dict[str, Run], x: torch.Tensor, repeats: int,
          agree: dict[str, float] | None) -> list:
     """Time the candidates on ``x`` in turns; one result per candidate, then the verdicts."""
+    # warm up past the calls in which vggnet's layers pick their form (PickedConv2d.EXPLORE):
+    # the steady state is timed, for every candidate alike
     t = interleaved({k: (lambda r=r: r(x)) for k, r in runs.items()}, repeats,
-                    torch.device("cpu"))
+                    torch.device("cpu"), warmup=PickedConv2d.EXPLORE + 1)
     rate = {k: x.shape[0] / v for k, v in t.items()}
     out = []
     for k in runs:

@@ -171,24 +171,30 @@ class PickedConv2d(nn.Module):
     depends on the CPU, the batch and image size (per layer at 2 threads, bf16: 0.9-1.5x),
     and on load: Winograd is several small OpenMP regions per block of tiles, and when another
     process holds a core each waits for its descheduled partner (measured with one busy core:
-    0.58x the direct convolution at batch 1, 0.75x at batch 8). So the first call for a size
-    class (``size_class``) times both forms, the median of ``TRIALS`` calls each (the first
-    call of a form also pays oneDNN's kernel setup), and keeps the faster. Every later call is
-    timed; ``STRIKES`` calls in a row slower than ``SLOWER`` x the time the form was picked
-    with (the machine got busy) and the size class is measured again.
+    0.58x the direct convolution at batch 1, 0.75x at batch 8). So the first ``EXPLORE``
+    calls for a size class (``size_class``) run the two forms in turns, timed, and the form
+    with the lower median time is kept, leaving out each form's first ``SETUP`` calls (they
+    pay oneDNN's kernel setup and fresh memory: measured 1.1-2.7x the steady time for the
+    first two calls of a VGG-16 layer at batch 1, which picked the wrong form when counted).
+    Every later call is timed; ``STRIKES`` calls in a row slower than ``SLOWER`` x that median
+    (the machine got busy) and the size class is explored again. No call runs twice:
+    exploring costs only the slower form's extra time.
 
     Same interface as its forms; the conv's ``weight`` and ``bias`` stay registered under the
     layer's name (the forms are plain attributes: the state_dict is unchanged).
     """
 
-    TRIALS, STRIKES, SLOWER = 3, 3, 2.0
+    EXPLORE, SETUP, STRIKES, SLOWER = 10, 2, 3, 2.0
+    FORMS = ("direct", "winograd")
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, direct: nn.Module, winograd: WinogradConv2d) -> None:
         super().__init__()
         self.weight, self.bias = winograd.weight, winograd.bias
         self._forms = {"direct": direct, "winograd": winograd}  # not submodules: see above
-        # size class -> [form, seconds it was picked with, slow calls in a row]
+        # size class -> seconds of each call of each form while exploring
+        self._trials: dict[int, dict[str, list[float]]] = {}
+        # size class -> [form, its median seconds, slow calls in a row]
         self._picked: dict[int, list] = {}
         self.last = ""  # the form the last call ran (reports: which layers ran Winograd)
 
@@ -201,32 +207,27 @@ class PickedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = self.size_class(x)
-        if key not in self._picked:
-            return self._pick(key, x)
-        picked = self._picked[key]
-        self.last = picked[0]
+        picked = self._picked.get(key)
+        if picked is None:
+            trials = self._trials.setdefault(key, {f: [] for f in self.FORMS})
+            self.last = min(self.FORMS, key=lambda f: len(trials[f]))  # in turns
+        else:
+            self.last = picked[0]
         start = self.clock()
-        y = self._forms[picked[0]](x)
-        slow = self.clock() - start > self.SLOWER * picked[1]
-        picked[2] = picked[2] + 1 if slow else 0
-        if picked[2] >= self.STRIKES:
-            del self._picked[key]  # measure both again on the next call
+        y = self._forms[self.last](x)
+        seconds = self.clock() - start
+        if picked is None:
+            trials[self.last].append(seconds)
+            if sum(map(len, trials.values())) >= self.EXPLORE:
+                medians = {f: statistics.median(t[self.SETUP:])
+                           for f, t in self._trials.pop(key).items()}
+                best = min(medians, key=medians.get)
+                self._picked[key] = [best, medians[best], 0]
+        else:
+            picked[2] = picked[2] + 1 if seconds > self.SLOWER * picked[1] else 0
+            if picked[2] >= self.STRIKES:
+                del self._picked[key]  # explore again from the next call
         return y
-
-    def _pick(self, key: int, x: torch.Tensor) -> torch.Tensor:
-        seconds: dict[str, float] = {}
-        outputs: dict[str, torch.Tensor] = {}
-        for name, form in self._forms.items():
-            times = []
-            for _ in range(self.TRIALS):
-                start = self.clock()
-                outputs[name] = form(x)
-                times.append(self.clock() - start)
-            # the median: not the first call (kernel setup) nor one lucky call on a busy core
-            seconds[name] = statistics.median(times)
-        name = min(seconds, key=seconds.get)
-        self._picked[key], self.last = [name, seconds[name], 0], name
-        return outputs[name]
 
     def choices(self) -> dict[int, str]:
         """Size class -> the form picked for it ("direct" or "winograd")."""
