@@ -77,8 +77,11 @@ def test_bench_unknown_item_is_a_clear_error(capsys):
 
 
 @pytest.mark.cpu_sensitive
-def test_bench_peers_rows_and_verdicts(trained, capsys):
+def test_bench_peers_rows_and_verdicts(trained, capsys, monkeypatch):
     pytest.importorskip("onnxruntime")
+    # the verdict against ONNX Runtime, even in CI's AVX2-capped rerun (oneDNN read the cap
+    # at load; the verdict's own handling of it: the test below)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     s = Settings.quick()
     s.engines = ("onnxruntime",)
     report = run(s, items=("peers",), trained=trained[0], data=trained[1])
@@ -113,3 +116,17 @@ def test_bench_peers_rows_and_verdicts(trained, capsys):
                      out, re.M)
     assert len(report.results) == 5 + 2 + 3 + 1
     assert [r.ratio for r in report.results if r.item.endswith(", plain")] == [1.0, 1.0]
+
+
+def test_peers_verdict_leaves_out_onnxruntime_under_the_onednn_cap(monkeypatch):
+    from vggnet.bench_peers import verdicts
+
+    rate = {"plain": 1.0, "vggnet": 3.0, "onnxruntime fp32": 4.0, "openvino fp32": 2.0}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    (row,) = verdicts("batch 1", rate, None)
+    assert row.item.endswith("onnxruntime fp32") and row.ratio == 0.75 and row.notes == []
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    (row,) = verdicts("batch 1", rate, None)
+    assert row.item.endswith("openvino fp32") and row.ratio == 1.5
+    assert row.notes == ["onnxruntime fp32 left out of this verdict: ONNX Runtime ignores "
+                         "ONEDNN_MAX_CPU_ISA=AVX2, so its rows are not that class's figures"]
