@@ -19,7 +19,8 @@ so the intermediates stay in cache), all in the compute dtype with plain torch o
 Numerics: exact in real arithmetic; in floating point the transforms amplify rounding.
 Measured against float64 on random data: float32 F(4x4) ~3e-6 relative (direct: ~1e-7);
 bf16 F(2x2) ~5e-3 (direct bf16: ~2.4e-3), bf16 F(4x4) ~3e-2, which cost top-1 agreement on
-the demo model (98.2%), so bf16 uses F(2x2) only. Which layers and which m: ``RULES``.
+the demo model (98.2%), so bf16 uses F(2x2) only. Which layers may use it and which m:
+``RULES``; whether a layer does, for each input size, on this machine, now: ``PickedConv2d``.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ class Rule:
                 and conv.out_channels >= self.min_out)
 
 
-# measured per layer of VGG-16 against fuse.PackedConv2d, 1 thread, batch 1 and 8
-# (docs/benchmarks.md, "Winograd"): bf16 F(2x2) wins 1.05-1.6x from conv3_1 (128 -> 256) on
-# and loses 0.4-1.0x on the 64- and 128-channel layers, where the transforms cost more than
-# the products save; float32 F(4x4) (AVX2 cap) wins 1.1-2.7x from conv2_1 (64 -> 128) on and
-# loses on conv1_2 (0.86x).
+# the candidates (PickedConv2d times them against the direct form), measured per layer of
+# VGG-16 against fuse.PackedConv2d, 1 thread, batch 1 and 8 (docs/benchmarks.md, "Past
+# parity"): bf16 F(2x2) wins 1.05-1.6x from conv3_1 (128 -> 256) on and loses 0.4-1.0x on the
+# 64- and 128-channel layers, where the transforms cost more than the products save; float32
+# F(4x4) (AVX2 cap) wins 1.1-2.7x from conv2_1 (64 -> 128) on and loses on conv1_2 (0.86x).
 RULES = {torch.bfloat16: Rule(m=2, min_in=128, min_out=256),
          torch.float32: Rule(m=4, min_in=64, min_out=128)}
 
