@@ -136,12 +136,16 @@ def test_winograd_mode(monkeypatch, mode, kind):
     monkeypatch.setitem(winograd.RULES, torch.float32, Rule(m=4, min_in=8, min_out=8))
     monkeypatch.setenv("VGGNET_WINOGRAD", mode)
     model = _vgg()
-    x = torch.randn(2, 3, 32, 32)
+    x, big = torch.randn(2, 3, 32, 32), torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        ref = model(x)
+        ref, ref_dense = model(x), model.forward_dense(big)
     keys = set(model.state_dict())
     rt = make_runtime("cpu", "fp32")
     fast = rt.prepare_inference(model, batch=2)
+    with rt.inference():  # another size: its own exploring (PickedConv2d), same results
+        for _ in range(PickedConv2d.EXPLORE + 1):
+            dense = fast.forward_dense(rt.input(big))
+            torch.testing.assert_close(dense, ref_dense, rtol=1e-4, atol=1e-4)
     assert type(fast.features.conv3_1) is kind and type(fast.features.conv1_1) is fuse.PackedConv2d
     assert set(fast.state_dict()) == keys
     with rt.inference():
@@ -152,11 +156,19 @@ def test_winograd_mode(monkeypatch, mode, kind):
             for _ in range(PickedConv2d.EXPLORE):
                 torch.testing.assert_close(fast(rt.input(x)), ref, rtol=1e-4, atol=1e-4)
         assert set(fast.features.conv3_1.choices().values()) <= {"direct", "winograd"}
-        assert len(fast.features.conv3_1.choices()) == 1
-        # one size class per layer: the last call ran the form picked for it
-        assert winograd.ran_winograd(fast) == [
-            n for n, m in fast.named_modules() if isinstance(m, PickedConv2d)
-            and list(m.choices().values()) == ["winograd"]]
+        assert len(fast.features.conv3_1.choices()) == 2  # the crops' size and the dense one
+        # the last call ran, in each layer, the form picked for its input's size class
+        shapes: dict[str, torch.Size] = {}
+        hooks = [m.register_forward_pre_hook(lambda _, a, n=n: shapes.update({n: a[0].shape}))
+                 for n, m in fast.features.named_children() if isinstance(m, PickedConv2d)]
+        with rt.inference():
+            fast(rt.input(x))
+        for h in hooks:
+            h.remove()
+        picked = {n: getattr(fast.features, n).choices()[PickedConv2d.size_class(torch.empty(s))]
+                  for n, s in shapes.items()}
+        assert winograd.ran_winograd(fast) == [f"features.{n}" for n, form in picked.items()
+                                               if form == "winograd"]
     else:
         ran = winograd.ran_winograd(fast)
         assert ("features.conv3_1" in ran) is (kind is WinogradConv2d)
