@@ -203,3 +203,27 @@ def test_cli_data_make_and_check(tmp_path, capsys):
                  "--val-per-class", "1", "--classes", "4", "--min-side", "40", "--max-side",
                  "48", "--workers", "1", "--no-progress"]) == 0
     assert "4 classes, in class-index order: bar, disc, ring, square" in capsys.readouterr().out
+
+
+def test_a_workers_helper_thread_losing_its_connection_prints_nothing(capsys):
+    """A loader worker's resource_sharer thread whose connection the stopping main process
+    dropped printed a traceback (CI, group SIGTERM); any other error still prints."""
+    import threading
+
+    from vggnet.data import _worker_excepthook
+
+    def hook(kind):
+        try:
+            raise kind("lost")
+        except kind as e:
+            _worker_excepthook(type(e), e, e.__traceback__)
+
+    for kind in (EOFError, ConnectionResetError, BrokenPipeError, ValueError):
+        t = threading.Thread(target=hook, args=(kind,))
+        t.start()
+        t.join()
+    hook(EOFError)  # in the worker's main thread: not a helper thread's lost connection
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 2
+    assert "ValueError: lost" in err and "EOFError: lost" in err
+    assert "ConnectionResetError" not in err and "BrokenPipeError" not in err

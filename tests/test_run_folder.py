@@ -308,7 +308,8 @@ def test_sigterm_to_the_whole_process_group_stops_like_sigterm_to_the_run(data, 
     assert ("SIGTERM: abandoning this step, saving the last finished one" in err
             or "SIGTERM: finishing this step, then saving" in err), err
     assert f"resume with: vggnet train --resume {out}" in stdout
-    assert load_checkpoint(out / "last.pt")["step"] > 12  # saved where it stopped, in epoch 2+
+    # saved where it stopped: in epoch 2, or at epoch 1's end when a loaded machine was slower
+    assert load_checkpoint(out / "last.pt")["step"] >= 12
 
 
 # --- item 6: one-line errors instead of tracebacks -----------------------------------------------

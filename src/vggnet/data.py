@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -493,6 +494,21 @@ def _worker_init(_: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    sys.excepthook = _worker_excepthook
+
+
+def _worker_excepthook(kind, value, tb) -> None:
+    # A worker hands each batch's shared memory to the main process over a connection that a
+    # helper thread of the worker accepts (multiprocessing's resource_sharer); when the main
+    # process stops mid-handshake (the run was told to stop), that thread's accept() fails
+    # and it printed a traceback from the worker, though the run stopped and saved as told
+    # (seen in CI: a traceback from resource_sharer._serve's accept()). The main process sees
+    # any failed hand-over itself, so a worker's helper thread losing its connection is not
+    # reported.
+    if (issubclass(kind, (EOFError, ConnectionError))
+            and threading.current_thread() is not threading.main_thread()):
+        return
+    sys.__excepthook__(kind, value, tb)
 
 
 class Loader(torch.utils.data.DataLoader):
