@@ -227,3 +227,22 @@ def test_a_workers_helper_thread_losing_its_connection_prints_nothing(capsys):
     assert err.count("Traceback") == 2
     assert "ValueError: lost" in err and "EOFError: lost" in err
     assert "ConnectionResetError" not in err and "BrokenPipeError" not in err
+
+
+def test_exit_with_a_loader_iterator_alive_does_not_hang():
+    """Workers ignore SIGTERM (a group SIGTERM must not kill them mid-run), so at exit
+    multiprocessing's terminate-then-join waited forever on a worker whose iterator was
+    still alive (a script's next(iter(loader)), a run stopped mid-step)."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from vggnet.data import make_loader\n"
+              "ds = [torch.zeros(3) for _ in range(1000)]\n"
+              "it = iter(make_loader(ds, batch_size=2, workers=2,\n"
+              "                      collate_fn=torch.utils.data.default_collate))\n"
+              "print(next(it).shape)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout == "torch.Size([2, 3])\n", p.stderr
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr

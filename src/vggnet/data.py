@@ -18,7 +18,9 @@ Files whose names start with "." are ignored; every other file in a class folder
 
 from __future__ import annotations
 
+import atexit
 import csv
+import multiprocessing
 import os
 import signal
 import sys
@@ -519,12 +521,40 @@ class Loader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         if not self.num_workers or threading.current_thread() is not threading.main_thread():
-            return super().__iter__()
+            return _watched(super().__iter__())
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super().__iter__()
+            return _watched(super().__iter__())
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# pids of this process's loader workers (``Loader``), for ``_kill_workers_at_exit``
+_WORKER_PIDS: set[int] = set()
+
+
+def _watched(it):
+    """``it``, its worker processes noted so that the interpreter's exit cannot wait on them."""
+    if not _WORKER_PIDS:
+        atexit.register(_kill_workers_at_exit)
+    _WORKER_PIDS.update(w.pid for w in getattr(it, "_workers", ()))
+    return it
+
+
+def _kill_workers_at_exit() -> None:
+    # At exit, multiprocessing's own hook (registered at its import, so it runs after this
+    # one) sends SIGTERM to daemonic children, which loader workers ignore (``_worker_init``),
+    # then joins them. A worker whose loader was not shut down first (an iterator still alive
+    # at exit: a script's `next(iter(loader))`, a run stopped mid-step whose iterator the
+    # stop's traceback holds) keeps waiting for work while its parent lives, so the exit
+    # waited forever (CI: no exit 120 s after a group SIGTERM). Workers hold nothing to save.
+    # torch's SIGCHLD handler would raise "worker killed" into this hook: off, we are exiting.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [p for p in multiprocessing.active_children() if p.pid in _WORKER_PIDS]
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=5)
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, pin_memory: bool = False,
