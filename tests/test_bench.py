@@ -48,9 +48,29 @@ def test_bench_quick_reports_every_item(trained, tmp_path, capsys):
     assert re.search(rf"^training step VGG-16 width 0.0625 32 batch 8: {vs}", out, re.M)
     assert re.search(rf"^top-1 agreement with float32, trained VGG-11 width 0.0625 32 \(A\): "
                      rf"ours {NUM} % \[target >= 99%\]\n    6 validation images of", out, re.M)
+    # the int8 matmul peak (u8 x s8, 32-bit sums) the int8 row reads against, where torch has one
+    peak8 = re.search(rf"^int8 matmul peak( \(n=256\): {NUM} GOP/s \(|: not measured)", out, re.M)
+    assert peak8
+    of8 = (rf"; ours {NUM} GOP/s = {NUM}% of the {NUM} GOP/s int8 matmul peak" if peak8[1] != ": "
+           "not measured" else "")
     assert re.search(r"^inference int8 VGG-16 width 0.0625 32 batch 2 \(quantize_int8, a flag\): "
-                     rf"ours {NUM} img/s, baseline {NUM} img/s, ratio {NUM}x \[target report\]\n"
-                     "    the default path", out, re.M)
+                     rf"ours {NUM} img/s, baseline {NUM} img/s, ratio {NUM}x{of8} \[target "
+                     r"report\]\n    the default path .*\n    the net's multiply-adds alone at "
+                     rf"the int8 peak measured alongside \(.*\): {NUM} img/s, {NUM}x the default "
+                     "path",
+                     out, re.M)
+    # the accuracy/speed curve: no layer float, the default's two, then 1..3 more by sensitivity
+    curve = re.findall(r"^int8 curve, trained VGG-11 width 0.0625 32: float32 layers (.*): ours "
+                       rf"{NUM} % \[target report\]\n    agreement over 2 calibration sets of "
+                       rf"about 1 training images each: {NUM}-{NUM}%\n    VGG-16 width 0.0625 32 "
+                       rf"batch 2 with those layers in float32 \(.*\): {NUM} img/s, {NUM}x the "
+                       "default path", out, re.M)
+    assert curve[:2] == ["none", "conv1_1, fc8"] and len(curve) == 5
+    assert [len(v.split(", ")) for v in curve[2:]] == [3, 4, 5]
+    assert re.search(r"^    sensitivity \(KL from float32 with only that layer in int8, nats per "
+                     r"image, on 2 calibration images\): (conv|fc)", out, re.M)
+    assert re.search(rf"for scale, float32 itself keeps its top-1 class on {NUM}% / {NUM}% of them "
+                     "under uniform pixel noise of \\+-1 / \\+-2 grey levels", out)
     assert re.search(r"^top-1 agreement with float32, int8 \(quantize_int8\), trained VGG-11 "
                      rf"width 0.0625 32: ours {NUM} % \[target >= 99%\]\n    6 validation images "
                      "of .*calibrated on 2 training images", out, re.M)
@@ -66,7 +86,7 @@ def test_bench_quick_reports_every_item(trained, tmp_path, capsys):
                          rf"baseline {NUM} MiB, ratio {NUM}x", out, re.M)
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["peaks"]) == ({"float32", "bfloat16"} if native else {"float32"})
-    assert len(report["results"]) == 12
+    assert len(report["results"]) == 17
     r = report["results"][0]
     assert r["ratio"] == r["ours"] / r["baseline"] and 0 < r["of_peak"]
 
@@ -87,7 +107,8 @@ def test_bench_peers_rows_and_verdicts(trained, capsys, monkeypatch):
     report = run(s, items=("peers",), trained=trained[0], data=trained[1])
     out = capsys.readouterr().out
     crops = [f"inference VGG-16 width 0.0625 32 batch 2, {k}" for k in
-             ("plain", "vggnet", "vggnet int8", "onnxruntime fp32", "onnxruntime int8")]
+             ("plain", "vggnet", "vggnet int8", "vggnet int8 all layers", "onnxruntime fp32",
+              "onnxruntime int8")]
     dense = [f"dense VGG-16 width 0.0625 32 one 48x64 image, {k}" for k in
              ("plain", "vggnet", "onnxruntime fp32")]
     # int8 of an untrained 2-class net calibrated on 2 images may be refused (too far off)
@@ -112,9 +133,10 @@ def test_bench_peers_rows_and_verdicts(trained, capsys, monkeypatch):
     assert re.search(rf"^peers, inference .* batch 2: vggnet int8, {NUM}% agreement against the "
                      r"vggnet default: .*\[target >= 1.8x, >= 99% agreement\]\n    fastest peer "
                      rf"int8, onnxruntime int8(, {NUM}% agreement)?: {NUM} img/s; vggnet int8 is "
-                     rf"{NUM}x it",
+                     rf"{NUM}x it\n    like for like, every layer in int8: vggnet int8 all layers, "
+                     rf"{NUM}% agreement is {NUM}x onnxruntime int8$",
                      out, re.M)
-    assert len(report.results) == 5 + 2 + 3 + 1
+    assert len(report.results) == 6 + 2 + 3 + 1
     assert [r.ratio for r in report.results if r.item.endswith(", plain")] == [1.0, 1.0]
 
 

@@ -86,3 +86,56 @@ def test_full_range_activations_only_with_vnni(monkeypatch):
         quantize.quantize_int8(m, calib)
     quantize.quantize_int8(m, calib, reduce_range=False)
     assert seen == [False, True, False]
+
+
+def test_every_float_layer_runs_packed_and_matches_the_eager_graph(monkeypatch):
+    from vggnet import fuse
+
+    m = _net("B", True)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 32, 32, generator=g)]
+    keep = ("conv1_1", "conv3_2", "fc7", "fc8")
+    q = quantize_int8(m, calib, float_layers=keep)
+    modules = dict(q.named_modules())
+    convs_ok = fuse.packing_works(torch.float32) is None
+    linears_ok = fuse.linear_packing_works(torch.float32) is None
+    assert q.packed == ["conv1_1", "conv3_2"] * convs_ok + ["fc7", "fc8"] * linears_ok
+    if convs_ok:  # ReLU fused, batch norm already folded by the conversion
+        assert isinstance(modules["graph.features.conv3_2"], fuse.PackedConv2d)
+        assert modules["graph.features.conv3_2"].relu
+    if linears_ok:
+        assert isinstance(modules["graph.classifier.fc7"], fuse.PackedLinear)
+    # where the packed ops are refused, the converted graph's own float modules run: the same
+    # function
+    monkeypatch.setattr(fuse, "packing_works", lambda dtype: "refused")
+    monkeypatch.setattr(fuse, "linear_packing_works", lambda dtype: "refused")
+    eager = quantize_int8(m, calib, float_layers=keep)
+    assert eager.packed == []
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        out, ref = q(x), m(x)
+        assert torch.allclose(out, eager(x), rtol=1e-4, atol=1e-4)
+    assert (out - ref).abs().max() < 0.15 * (ref.max() - ref.min())
+
+
+def test_sensitivity_finds_the_layers_around_an_outlier_channel():
+    # conv3_1's output channel 0 scaled up 300x and conv3_2's weights from it scaled down as
+    # much: the same float function (ReLU is positively homogeneous), but the one int8 range
+    # of that activation now spends its 256 levels on one channel, so the two layers that
+    # quantize it (conv3_1's output, conv3_2's input) are the most sensitive
+    from vggnet.quantize import layer_sensitivity, weighted_layers
+
+    m = _net("A", False)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 32, 32, generator=g) for _ in range(2)]
+    x = torch.randn(16, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        before = m(x)
+        m.features.conv3_1.weight[0] *= 300
+        m.features.conv3_1.bias[0] *= 300
+        m.features.conv3_2.weight[:, 0] /= 300
+        assert torch.allclose(m(x), before, rtol=1e-4, atol=1e-5)
+    s = layer_sensitivity(m, calib)
+    assert list(s) == sorted(s, key=s.get, reverse=True)
+    assert sorted(s) == sorted(weighted_layers(m)) and all(v >= 0 for v in s.values())
+    assert set(list(s)[:2]) == {"conv3_1", "conv3_2"}

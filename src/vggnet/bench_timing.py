@@ -21,9 +21,11 @@ class Result:
     ours: float
     baseline: float | None  # None: nothing to compare with (the agreement item)
     target: str = ""  # the issue's target, e.g. ">= 2.2x, >= 85% of bf16 peak"
-    gflops: float | None = None  # our achieved GFLOP/s
+    gflops: float | None = None  # our achieved GFLOP/s (int8: GOP/s)
     peak: float | None = None  # matmul GFLOP/s in our compute dtype, measured alongside
     notes: list[str] = field(default_factory=list)
+    ops: str = "GFLOP/s"  # the unit of gflops and peak
+    peak_name: str = "matmul peak"
 
     @property
     def ratio(self) -> float:
@@ -35,6 +37,18 @@ class Result:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "of_peak": self.of_peak}
+
+
+@dataclass
+class Peak:
+    """The best rate of one large matmul in ``dtype`` and which implementation reached it."""
+
+    dtype: str
+    gflops: float
+    by: str  # which implementation reached it
+    all: dict[str, float]
+    fn: Callable[[], object] = field(repr=False, default=None)
+    flops: float = 0.0
 
 
 # --- timing -------------------------------------------------------------------------------

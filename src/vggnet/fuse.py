@@ -230,15 +230,17 @@ class PackedLinear(nn.Linear):
     fc6 of VGG-16 (103M weights) at batch 1 took 20-30 ms in bf16 that way and 10-11 ms packed
     (1 thread), float32 at batch 8 81 -> 33 ms. Still an nn.Linear to everything that looks
     (its ``weight`` and ``bias`` stay registered: the state_dict is unchanged; changing them
-    later changes nothing here). Input of any float dtype is cast to ``dtype``. The price: the
-    packed copy of the weights (fc6: 205 MB in bf16) next to the module's own.
+    later changes nothing here). Input of any float dtype is cast to ``dtype``; ``relu``: a
+    ReLU after it, fused. The price: the packed copy of the weights (fc6: 205 MB in bf16) next
+    to the module's own.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, batch: int) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, batch: int,
+                 relu: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.dtype = dtype
+        self.dtype, self.relu = dtype, relu
         # plain attributes, not buffers (as in PackedConv2d): never moved or saved
         self._packed = torch.ops.mkldnn._reorder_linear_weight(
             linear.weight.detach().to(dtype).contiguous(), batch)
@@ -246,10 +248,11 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self._packed, self._bias,
-                                                  "none", [], "")
+                                                  "relu" if self.relu else "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.dtype}, oneDNN weights"
+        return (f"{self.in_features} -> {self.out_features}, {self.dtype}, oneDNN weights"
+                + ", ReLU fused" * self.relu)
 
 
 @functools.cache
@@ -260,8 +263,9 @@ def linear_packing_works(dtype: torch.dtype) -> str | None:
     x = torch.randn(3, 48, generator=g)
     try:
         with torch.no_grad():
-            got = PackedLinear(linear, dtype, 3)(x).float()
-            ref = F.linear(x.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype)).float()
+            got = PackedLinear(linear, dtype, 3, relu=True)(x).float()
+            ref = F.relu(F.linear(x.to(dtype), linear.weight.to(dtype),
+                                  linear.bias.to(dtype))).float()
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         return f"torch.ops.mkldnn linear refused {dtype}: {str(e).splitlines()[0][:120]}"
     err = ((got - ref).norm() / ref.norm()).item()

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .model import VGG, LocalResponseNorm
@@ -72,6 +73,40 @@ def quantize_int8(model: VGG, calibration: Iterable[torch.Tensor], backend: str 
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         return _quantize(model, calibration, backend, tuple(float_layers),
                          (not has_vnni()) if reduce_range is None else reduce_range)
+
+
+def weighted_layers(model: VGG) -> list[str]:
+    """Names of the layers int8 can take (convolutions and linear layers), in order."""
+    return [name for name, m in (*model.features.named_children(),
+                                 *model.classifier.named_children())
+            if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def layer_sensitivity(model: VGG, calibration: Sequence[torch.Tensor], backend: str = "x86",
+                      reduce_range: bool | None = None) -> dict[str, float]:
+    """How far int8 moves the output through each layer alone, most sensitive first.
+
+    For each of ``weighted_layers(model)``: the model with only that layer in int8 (weights
+    and its input, ranges set on ``calibration``), its mean KL divergence from float32's
+    soft-max over the ``calibration`` batches (nats per image). Where to spend float32 layers
+    first; the cost is one quantization and two passes over ``calibration`` per layer, so a
+    few batches are enough to rank them.
+    """
+    layers = weighted_layers(model)
+    base = copy.deepcopy(model).float().cpu().eval()
+    with torch.no_grad():
+        ref = [F.log_softmax(base(x.float()), 1) for x in calibration]
+    out = {}
+    for name in layers:
+        q = quantize_int8(model, calibration, backend, [n for n in layers if n != name],
+                          reduce_range)
+        with torch.no_grad():
+            kl = sum(F.kl_div(F.log_softmax(q(x.float()), 1), r, log_target=True,
+                              reduction="sum").item()
+                     for x, r in zip(calibration, ref, strict=True))
+        # KL >= 0; float rounding can leave a layer that changes nothing a hair below
+        out[name] = max(kl, 0.0) / sum(len(x) for x in calibration)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def qconfig_mapping(model: VGG, backend: str, float_layers: tuple[str, ...],
@@ -129,23 +164,74 @@ def _quantize(model: VGG, calibration: Iterable[torch.Tensor], backend: str,
 
 class Int8VGG(nn.Module):
     """The converted graph, fed channels_last input (the int8 convolutions' own layout: NCHW
-    input is reordered by every one of them), its float first conv on oneDNN weights laid
-    out once with ReLU fused where ``fuse.packing_works`` (an eager NCHW float32 conv1_1 cost
-    a third of the int8 net's time; measured in docs/benchmarks.md); malloc keeps freed
-    memory (``fuse.keep_freed_memory``) as for the default path."""
+    input is reordered by every one of them), its float layers on oneDNN weights laid out
+    once where ``fuse.packing_works`` / ``fuse.linear_packing_works``, as the default path
+    runs them (convolutions with their ReLU fused: an eager NCHW float32 conv1_1 cost a third
+    of the int8 net's time, measured in docs/benchmarks.md; linear layers: see
+    ``fuse.PackedLinear``); malloc keeps freed memory (``fuse.keep_freed_memory``) as for the
+    default path. ``packed``: the names of the layers so run."""
 
     def __init__(self, graph: nn.Module, input_size: tuple[int, int, int, int]) -> None:
         super().__init__()
         self.graph = graph
-        from .fuse import PackedConv2d, keep_freed_memory, packing_works
+        from .fuse import keep_freed_memory
 
         keep_freed_memory()  # as prepare_inference does: no fresh pages for each pass
-
-        first = getattr(graph.features, "conv1_1", None)
-        conv, relu = (first[0], True) if isinstance(first, nn.Sequential) else (first, False)
-        if (type(conv) is nn.Conv2d and (not relu or isinstance(first[1], nn.ReLU))
-                and packing_works(torch.float32) is None):
-            graph.features.conv1_1 = PackedConv2d(conv, None, relu, torch.float32, input_size)
+        self.packed = _pack_float_convs(graph.features, graph, input_size)
+        self.packed += _pack_float_linears(graph.classifier, input_size[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, crop, crop) -> logits
         return self.graph(x.contiguous(memory_format=torch.channels_last))
+
+
+def _float_layer(layer: nn.Module, kind: type) -> tuple[nn.Module, bool] | None:
+    """(layer, ReLU fused) of a ``kind`` layer (nn.Conv2d or nn.Linear) the conversion left in
+    float32: the plain layer, or the layer + ReLU fused by FX (batch norm already folded into
+    a conv); else None."""
+    if type(layer) is kind:
+        return layer, False
+    if (isinstance(layer, nn.Sequential) and len(layer) == 2 and type(layer[0]) is kind
+            and isinstance(layer[1], nn.ReLU)):
+        return layer[0], True
+    return None
+
+
+def _pack_float_convs(features: nn.Module, graph: nn.Module,
+                      input_size: tuple[int, ...]) -> list[str]:
+    """Each float conv of ``features`` becomes a ``fuse.PackedConv2d`` laid out for the input
+    size it meets (found by one pass of zeros); returns the names replaced."""
+    from .fuse import PackedConv2d, packing_works
+
+    convs = {name: fc for name, layer in features.named_children()
+             if (fc := _float_layer(layer, nn.Conv2d)) is not None}
+    if not convs or packing_works(torch.float32) is not None:
+        return []
+    sizes: dict[str, tuple[int, ...]] = {}
+
+    def seen(name: str):
+        def hook(_module, args) -> None:  # returning None leaves the input alone
+            sizes[name] = tuple(args[0].shape)
+        return hook
+
+    hooks = [getattr(features, name).register_forward_pre_hook(seen(name)) for name in convs]
+    with torch.no_grad():
+        graph(torch.zeros(input_size).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    for name, (conv, relu) in convs.items():
+        setattr(features, name, PackedConv2d(conv, None, relu, torch.float32, sizes[name]))
+    return list(convs)
+
+
+def _pack_float_linears(classifier: nn.Module, batch: int) -> list[str]:
+    """Each float nn.Linear of ``classifier`` becomes a ``fuse.PackedLinear``; returns the names
+    replaced."""
+    from .fuse import PackedLinear, linear_packing_works
+
+    linears = {name: fl for name, layer in classifier.named_children()
+               if (fl := _float_layer(layer, nn.Linear)) is not None}
+    if linear_packing_works(torch.float32) is not None:
+        return []
+    for name, (linear, relu) in linears.items():
+        setattr(classifier, name, PackedLinear(linear, torch.float32, batch, relu))
+    return list(linears)
