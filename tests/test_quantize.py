@@ -142,3 +142,14 @@ def test_sensitivity_finds_the_layers_around_an_outlier_channel():
     assert list(s) == sorted(s, key=s.get, reverse=True)
     assert sorted(s) == sorted(weighted_layers(m)) and all(v >= 0 for v in s.values())
     assert set(list(s)[:2]) == {"conv3_1", "conv3_2"}
+
+
+def test_the_default_engine_follows_the_build():
+    from vggnet.quantize import default_backend
+
+    assert default_backend(["qnnpack", "none", "onednn", "x86", "fbgemm"]) == "x86"
+    assert default_backend(["qnnpack", "none"]) == "qnnpack"  # ARM builds
+    assert default_backend(["none", "onednn"]) == "onednn"
+    with pytest.raises(RuntimeError, match=r"no quantized engine for int8 \(it has \['none'\]\)"):
+        default_backend(["none"])
+    assert default_backend() in torch.backends.quantized.supported_engines

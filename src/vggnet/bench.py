@@ -566,10 +566,24 @@ def _item_int8(c: Context) -> Iterator[Result]:
         c.log(f"int8 matmul peak (n={c.s.matmul_n}): {peak.gflops:.0f} GOP/s ({alts})")
     yield bench_int8.speed(cfg, _label(cfg), c.rt, batch, c.s.repeats, peak, forward_flops(cfg))
     yield from (r for r in _item_agreement(c, int8=True) if "int8" in r.item)
-    if c.trained is not None:
-        ts = trained_set(*c.trained, calibration_images=3 * CALIBRATION_IMAGES)
-        yield from bench_int8.curve(ts, _label(ts.loaded.model.config), c.rt, cfg, _label(cfg),
-                                    batch, c.s.repeats)
+
+
+def _item_int8curve(c: Context) -> Iterator[Result]:
+    # its own item: about 30 quantizations of the trained model (seconds for the demo net,
+    # tens of minutes for a full VGG-16 on a CPU)
+    if c.rt.device.type != "cpu":
+        return
+    if c.trained is None:
+        c.no_trained("int8 accuracy/speed curve")
+        return
+    from . import bench_int8
+
+    cfg = _config(c.s)
+    ts = trained_set(*c.trained, calibration_images=3 * CALIBRATION_IMAGES)
+    c.log(f"int8 curve: ranking the layers of {_label(ts.loaded.model.config)}, then 3 "
+          "calibrations per variant")
+    yield from bench_int8.curve(ts, _label(ts.loaded.model.config), c.rt, cfg, _label(cfg),
+                                max(c.s.inference_batches), c.s.repeats)
 
 
 def _item_peers(c: Context) -> Iterator[Result]:
@@ -604,6 +618,7 @@ def _item_memory(c: Context) -> Iterator[Result]:
 # nothing else should run beside them
 ITEM_RUNNERS: dict[str, Callable[[Context], Iterable[Result]]] = {
     "inference": _item_inference, "agreement": _item_agreement, "int8": _item_int8,
+    "int8curve": _item_int8curve,
     "training": _item_training, "pipeline": lambda c: bench_pipeline(c.s),
     "evaluation": lambda c: [bench_evaluation(c.s, c.rt)], "memory": _item_memory,
     "peers": _item_peers}

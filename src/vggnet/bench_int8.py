@@ -23,7 +23,13 @@ import torch
 
 from .bench_timing import Peak, Result, interleaved
 from .model import VGG, VGGConfig, build
-from .quantize import FLOAT_LAYERS, layer_sensitivity, quantize_int8, weighted_layers
+from .quantize import (
+    FLOAT_LAYERS,
+    default_backend,
+    layer_sensitivity,
+    quantize_int8,
+    weighted_layers,
+)
 from .runtime import Runtime
 
 CPU = torch.device("cpu")
@@ -32,8 +38,8 @@ CPU = torch.device("cpu")
 def int8_matmul_candidates(n: int) -> dict[str, Callable[[], object]]:
     """Ways to multiply two n x n int8 matrices with 32-bit sums here: torch._int_mm (s8 x s8),
     and a quantized linear layer (u8 activations x s8 weights, as in ``quantize_int8``'s
-    layers) packed by each of torch's x86 quantized engines this build has (x86: fbgemm for
-    linear layers; onednn)."""
+    layers) packed by ``quantize_int8``'s engine (``default_backend``) and, on x86, also by
+    oneDNN's (the x86 engine runs linear layers on fbgemm, convolutions on oneDNN)."""
     from torch.ao.nn.quantized import Linear
 
     g = torch.Generator().manual_seed(0)
@@ -50,8 +56,9 @@ def int8_matmul_candidates(n: int) -> dict[str, Callable[[], object]]:
                                    torch.zeros(n, dtype=torch.long), 0, torch.qint8)
     engine = torch.backends.quantized.engine
     try:
-        for name in ("x86", "onednn"):
-            if name not in torch.backends.quantized.supported_engines:
+        engines = torch.backends.quantized.supported_engines
+        for name in dict.fromkeys((default_backend(), "onednn" if "x86" in engines else "")):
+            if name not in engines:
                 continue
             torch.backends.quantized.engine = name  # the weights are packed for this engine
             layer = Linear(n, n)

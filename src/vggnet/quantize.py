@@ -21,7 +21,7 @@ the top-1 agreement with float32:
   the default until 2026-12-04) gave the same 98.5% (98.4-98.6 against 98.1-98.8) and cost
   8% of the speed at batch 1 (49.5 against 53.9 img/s; its float32 conv and the quantization
   of its output); no other layer kept in float32 moved agreement beyond what changing the
-  calibration images does, while each costs speed (``vggnet bench --items int8`` measures
+  calibration images does, while each costs speed (``vggnet bench --items int8curve`` measures
   this curve, ``layer_sensitivity`` ranks the layers);
 - more calibration images (1,024 instead of 256) or other observers (min/max, moving
   average, 8192 histogram bins) moved it by less than the +-0.5% that 1,000 images resolve.
@@ -63,21 +63,33 @@ def has_vnni() -> bool:
     return bool(caps.get("avx512_vnni") or caps.get("avx_vnni"))
 
 
-def quantize_int8(model: VGG, calibration: Iterable[torch.Tensor], backend: str = "x86",
+def default_backend(engines: Sequence[str] | None = None) -> str:
+    """torch's quantized engine for this CPU: "x86" (oneDNN/fbgemm) where the build has it,
+    else "qnnpack" (ARM builds), else "onednn". ``engines``: the build's
+    (``torch.backends.quantized.supported_engines``)."""
+    engines = list(torch.backends.quantized.supported_engines if engines is None else engines)
+    for name in ("x86", "qnnpack", "onednn"):
+        if name in engines:
+            return name
+    raise RuntimeError(f"this torch build has no quantized engine for int8 (it has "
+                       f"{engines}); int8 needs an x86 or ARM CPU build of torch")
+
+
+def quantize_int8(model: VGG, calibration: Iterable[torch.Tensor], backend: str | None = None,
                   float_layers: Sequence[str] = FLOAT_LAYERS,
                   reduce_range: bool | None = None) -> nn.Module:
     """An int8 copy of ``model`` (left unchanged) for crop-sized float input, CPU only.
 
     ``calibration``: preprocessed float batches like the ones the model will see (normalised
     crops, (N, 3, crop, crop)); their activation ranges set the int8 scales. ``backend``:
-    torch's quantized engine, "x86" (oneDNN/fbgemm, VNNI) or "qnnpack" (ARM).
-    ``float_layers``: layer names (``model.layer_names()``) kept in float32.
-    ``reduce_range``: 7-bit activations (None: only where the CPU lacks VNNI).
+    torch's quantized engine, "x86" (oneDNN/fbgemm, VNNI) or "qnnpack" (ARM); None:
+    ``default_backend()``. ``float_layers``: layer names (``model.layer_names()``) kept in
+    float32. ``reduce_range`` (x86): 7-bit activations (None: only where the CPU lacks VNNI).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"torch\.ao")
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        return _quantize(model, calibration, backend, tuple(float_layers),
+        return _quantize(model, calibration, backend or default_backend(), tuple(float_layers),
                          (not has_vnni()) if reduce_range is None else reduce_range)
 
 
@@ -88,8 +100,9 @@ def weighted_layers(model: VGG) -> list[str]:
             if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def layer_sensitivity(model: VGG, calibration: Sequence[torch.Tensor], backend: str = "x86",
-                      reduce_range: bool | None = None) -> dict[str, float]:
+def layer_sensitivity(model: VGG, calibration: Sequence[torch.Tensor],
+                      backend: str | None = None, reduce_range: bool | None = None
+                      ) -> dict[str, float]:
     """How far int8 moves the output through each layer alone, most sensitive first.
 
     For each of ``weighted_layers(model)``: the model with only that layer in int8 (weights

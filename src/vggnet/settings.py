@@ -607,7 +607,8 @@ class BenchSettings:
 
     quick: bool = option(False, "tiny sizes: a smoke run of seconds")
     items: str | None = option(None, "comma-separated subset of inference, agreement, int8, "
-                               "training, pipeline, evaluation, memory (default: all)")
+                               "int8curve, training, pipeline, evaluation, memory, peers "
+                               "(default: all)")
     repeats: int | None = option(None, "timed repetitions per candidate (median reported)")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     compile: bool = option(False, "also time inference through torch.compile (reports the "
