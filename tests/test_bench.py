@@ -152,3 +152,25 @@ def test_peers_verdict_leaves_out_onnxruntime_under_the_onednn_cap(monkeypatch):
     assert row.item.endswith("openvino fp32") and row.ratio == 1.5
     assert row.notes == ["onnxruntime fp32 left out of this verdict: ONNX Runtime ignores "
                          "ONEDNN_MAX_CPU_ISA=AVX2, so its rows are not that class's figures"]
+
+
+@pytest.mark.cpu_sensitive
+def test_int8_peak_leaves_out_an_engine_that_refuses(monkeypatch):
+    import torch
+    from torch.ao.nn.quantized import Linear
+
+    from vggnet.bench_int8 import int8_peak
+
+    real = Linear.set_weight_bias
+
+    def onednn_refuses(self, w, b):
+        if torch.backends.quantized.engine == "onednn":
+            raise RuntimeError("onednn: unsupported")
+        return real(self, w, b)
+
+    engine = torch.backends.quantized.engine
+    monkeypatch.setattr(Linear, "set_weight_bias", onednn_refuses)
+    peak = int8_peak(64, 1)
+    assert torch.backends.quantized.engine == engine  # left as it was
+    assert peak is not None and "quantized linear (onednn)" not in peak.all
+    assert peak.gflops == max(peak.all.values()) > 0 and peak.by in peak.all

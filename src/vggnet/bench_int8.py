@@ -54,15 +54,22 @@ def int8_matmul_candidates(n: int) -> dict[str, Callable[[], object]]:
     x = torch.quantize_per_tensor(torch.rand(n, n, generator=g), 1 / 255, 0, torch.quint8)
     w = torch.quantize_per_channel(torch.randn(n, n, generator=g), torch.full((n,), 0.02),
                                    torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    engines = torch.backends.quantized.supported_engines
+    names = ["onednn"] if "x86" in engines else []
+    try:
+        names.insert(0, default_backend())
+    except RuntimeError:  # no quantized engine in this build: _int_mm alone, if that
+        pass
     engine = torch.backends.quantized.engine
     try:
-        engines = torch.backends.quantized.supported_engines
-        for name in dict.fromkeys((default_backend(), "onednn" if "x86" in engines else "")):
-            if name not in engines:
-                continue
+        for name in dict.fromkeys(e for e in names if e in engines):
             torch.backends.quantized.engine = name  # the weights are packed for this engine
             layer = Linear(n, n)
-            layer.set_weight_bias(w, None)
+            try:  # an engine may refuse per-channel weights or the size: left out
+                layer.set_weight_bias(w, None)
+                layer(x[:32])
+            except (RuntimeError, NotImplementedError):
+                continue
             fns[f"quantized linear ({name})"] = lambda layer=layer: layer(x)
     finally:
         torch.backends.quantized.engine = engine
