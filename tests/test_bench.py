@@ -59,14 +59,14 @@ def test_bench_quick_reports_every_item(trained, tmp_path, capsys):
                      rf"the int8 peak measured alongside \(.*\): {NUM} img/s, {NUM}x the default "
                      "path",
                      out, re.M)
-    # the accuracy/speed curve: no layer float, the default (fc8), then 1..3 more by sensitivity
+    # the accuracy/speed curve: no layer float, the default's two, then 1..3 more by sensitivity
     curve = re.findall(r"^int8 curve, trained VGG-11 width 0.0625 32: float32 layers (.*): ours "
                        rf"{NUM} % \[target report\]\n    agreement over 2 calibration sets of "
                        rf"about 1 training images each: {NUM}-{NUM}%\n    VGG-16 width 0.0625 32 "
                        rf"batch 2 with those layers in float32 \(.*\): {NUM} img/s, {NUM}x the "
                        "default path", out, re.M)
-    assert curve[:2] == ["none", "fc8"] and len(curve) == 5
-    assert [len(v.split(", ")) for v in curve[2:]] == [2, 3, 4]
+    assert curve[:2] == ["none", "conv1_1, fc8"] and len(curve) == 5
+    assert [len(v.split(", ")) for v in curve[2:]] == [3, 4, 5]
     assert re.search(r"^    sensitivity \(KL from float32 with only that layer in int8, nats per "
                      r"image, on 2 calibration images\): (conv|fc)", out, re.M)
     assert re.search(rf"for scale, float32 itself keeps its top-1 class on {NUM}% / {NUM}% of them "

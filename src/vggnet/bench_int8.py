@@ -8,8 +8,8 @@ item 4; docs/benchmarks.md, "int8").
 - ``curve``: top-1 agreement with float32 (over several calibration sets: one set's figure
   moves by more than the differences between variants) and speed against the default path,
   with every layer in int8, then with ``quantize.FLOAT_LAYERS`` in float32 (``quantize_int8``'s
-  default: the logits), then keeping 1, 2, 3 more in float32, most sensitive first
-  (``quantize.layer_sensitivity``).
+  default: the first conv and the logits), then keeping 1, 2, 3 more in float32, most
+  sensitive first (``quantize.layer_sensitivity``).
 """
 
 from __future__ import annotations
