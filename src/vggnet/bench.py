@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench_timing import Peak, Result, interleaved, sync
+from .bench_timing import Peak, Result, interleaved, settled, sync
 from .engines import ENGINES
 from .info import summarize
 from .model import VGGConfig, build
@@ -174,7 +174,8 @@ def bench_inference(s: Settings, rt: Runtime, peak: Peak, batch: int) -> Result:
         run_ours()
         sync(rt.device)
         notes.append(f"compiled: first call {time.perf_counter() - start:.1f} s")
-    t = interleaved({"ours": run_ours, "baseline": run_base, "peak": peak.fn}, s.repeats, rt.device)
+    t = interleaved({"ours": run_ours, "baseline": run_base, "peak": peak.fn}, s.repeats,
+                    rt.device, warmup=settled())
     ref, out = run_base().float(), run_ours().float()
     rel = ((out - ref).norm() / ref.norm()).item()
     flops = forward_flops(cfg) * batch

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .bench_timing import Peak, Result, interleaved
+from .bench_timing import Peak, Result, interleaved, settled
 from .model import VGG, VGGConfig, build
 from .quantize import (
     FLOAT_LAYERS,
@@ -112,7 +112,7 @@ def speed(cfg: VGGConfig, label: str, rt: Runtime, batch: int, repeats: int,
            "ours": _timed(ours, rt.input(x), rt.inference)}
     if peak is not None:
         fns["peak"] = peak.fn
-    t = interleaved(fns, repeats, CPU)
+    t = interleaved(fns, repeats, CPU, warmup=settled())
     notes = [f"the default path ({rt.describe()}) alongside: {batch / t['ours']:.3g} img/s, so "
              f"int8 is {t['ours'] / t['int8']:.2f}x it; its accuracy cost: the int8 agreement "
              "item"]
@@ -170,7 +170,7 @@ def curve(ts, trained_label: str, rt: Runtime, cfg: VGGConfig, label: str, batch
     fns = {"ours": _timed(ours, rt.input(x), rt.inference)}
     for i, v in enumerate(rows):
         fns[i] = _timed(quantize_int8(net, c, float_layers=[n for n in v if n in have]), x)
-    t = interleaved(fns, repeats, CPU)
+    t = interleaved(fns, repeats, CPU, warmup=settled())
     ranked = ", ".join(f"{n} {s:.1e}" for n, s in sensitivity.items())
     out = []
     for i, v in enumerate(rows):

@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .bench_timing import Result, interleaved
+from .bench_timing import Result, interleaved, settled
 from .engines import ENGINES, EngineError, Graphs, installed, open_engine, precisions
 from .model import VGG
 from .runtime import Runtime
-from .winograd import PickedConv2d, ran_winograd
+from .winograd import ran_winograd
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 ALL_INT8 = "vggnet int8 all layers"  # every layer in int8, as the peers' int8 graphs
@@ -150,10 +150,8 @@ def measure(s, cfg, label: str, rt: Runtime, agree: dict[str, dict[str, float]],
 def rows(label: str, runs: dict[str, Run], x: torch.Tensor, repeats: int,
          agree: dict[str, float] | None) -> list:
     """Time the candidates on ``x`` in turns; one result per candidate, then the verdicts."""
-    # warm up past the calls in which vggnet's layers pick their form (PickedConv2d.EXPLORE):
-    # the steady state is timed, for every candidate alike
     t = interleaved({k: (lambda r=r: r(x)) for k, r in runs.items()}, repeats,
-                    torch.device("cpu"), warmup=PickedConv2d.EXPLORE + 1)
+                    torch.device("cpu"), warmup=settled())
     rate = {k: x.shape[0] / v for k, v in t.items()}
     out = []
     for k in runs:

@@ -57,6 +57,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def settled() -> int:
+    """Warm-up calls that take vggnet's default inference path past the calls in which its
+    layers pick their form (``winograd.PickedConv2d.EXPLORE``), so that its steady state is
+    timed, and every candidate timed beside it gets the same warm-up."""
+    from .winograd import PickedConv2d
+
+    return PickedConv2d.EXPLORE + 1
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
                 warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, timed in turns (a, b, c, a, b, c, ...)."""
