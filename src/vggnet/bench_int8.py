@@ -181,6 +181,8 @@ def curve(ts, trained_label: str, rt: Runtime, cfg: VGGConfig, label: str, batch
                  f"({', '.join(n for n in v if n in have) or 'none'}): {batch / t[i]:.3g} img/s, "
                  f"{t['ours'] / t[i]:.2f}x the default path"]
         if i == 0:
+            notes.append(f"the default path ({rt.describe()}) in the same turns: "
+                         f"{batch / t['ours']:.3g} img/s")
             notes.append(f"sensitivity (KL from float32 with only that layer in int8, nats per "
                          f"image, on {len(ranked_on)} calibration images): {ranked}")
         out.append(Result(f"int8 curve, trained {trained_label}: float32 layers "
