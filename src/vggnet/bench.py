@@ -277,7 +277,8 @@ class TrainedSet:
     def crops(self, samples=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised centre crops, labels) batches on the CPU."""
         cfg, prep = self.loaded.model.config, self.loaded.preprocessing
-        return list(_eval_batches(samples or self.samples, self.q, cfg.crop_size, prep, "cpu"))
+        return list(_eval_batches(self.samples if samples is None else samples, self.q,
+                                  cfg.crop_size, prep, "cpu"))
 
     def whole_images(self) -> list[torch.Tensor]:
         """Each validation image rescaled to shorter side Q, normalised, (1, 3, H, W)."""
