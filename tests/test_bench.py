@@ -174,3 +174,13 @@ def test_int8_peak_leaves_out_an_engine_that_refuses(monkeypatch):
     assert torch.backends.quantized.engine == engine  # left as it was
     assert peak is not None and "quantized linear (onednn)" not in peak.all
     assert peak.gflops == max(peak.all.values()) > 0 and peak.by in peak.all
+
+
+def test_an_empty_sample_list_gives_no_crops_not_the_validation_split(trained):
+    # int8 calibrates on ts.crops(ts.calibration): with no training images that must be
+    # nothing (quantize_int8 then refuses), never the validation images it is judged on
+    from vggnet.bench import trained_set
+
+    ts = trained_set(*trained)
+    assert ts.crops([]) == []
+    assert sum(len(y) for _, y in ts.crops()) == len(ts.samples) == 6
