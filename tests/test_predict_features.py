@@ -80,6 +80,14 @@ def test_predict_int8_keeps_the_triggered_class(colour_net, tmp_path, capsys):
         assert out[2 * i + 1].endswith(f"  {colour} [{i}]")
     assert main(args + ["--int8", str(calib), "--dense"]) == 2
     assert "int8 runs crop-sized input only" in capsys.readouterr().err
+    # the float32 layers are the user's choice, checked before any image is read
+    assert main(args + ["--int8", str(calib), "--int8-float", "fc8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(out[2 * i + 1].endswith(f"  {c} [{i}]") for i, c in enumerate(COLOURS))
+    assert main(args + ["--int8", str(calib), "--int8-float", "conv1_1,fc9"]) == 2
+    assert "unknown layer(s) ['fc9']" in capsys.readouterr().err
+    assert main(args + ["--int8-float", "fc8"]) == 2
+    assert "give --int8 CALIBRATION_DIR with it" in capsys.readouterr().err
 
 
 def test_predict_reports_bad_images_and_goes_on(colour_net, tmp_path, capsys):
@@ -208,3 +216,25 @@ def test_probe_separates_colours(colour_net, tmp_path, capsys):
         assert re.search(rf"{split} descriptors: .*\d+/\d+ \[\d\d:\d\d<", captured.err), split
     assert "2 classes, 8 train / 4 val images" in out
     assert "train accuracy 100.00%, val accuracy 100.00%" in out
+
+
+@pytest.mark.cpu_sensitive
+def test_int8_model_keeps_the_float_layers_it_is_given(colour_net):
+    from vggnet.predict import int8_model
+    from vggnet.transforms import EvalTransform
+    from vggnet.weights import load_model
+
+    weights, images = colour_net
+    loaded = load_model(weights)
+    crop = loaded.model.config.crop_size
+    files = [images[c] for c in COLOURS]
+
+    def kinds(float_layers):
+        q = int8_model(loaded, files, EvalTransform(crop, crop), float_layers=float_layers)
+        modules = dict(q.named_modules())
+        return [type(modules[f"graph.{n}"]).__module__.startswith("torch.ao.nn.")
+                for n in ("features.conv1_1", "classifier.fc8")]
+
+    assert kinds(None) == [False, False]  # quantize.FLOAT_LAYERS: both float32
+    assert kinds(["fc8"]) == [True, False]
+    assert kinds([]) == [True, True]

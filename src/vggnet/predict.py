@@ -65,11 +65,15 @@ def top_k(probs: torch.Tensor, class_names: Sequence[str] | None,
 
 
 def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike],
-               transform: EvalTransform, images: int = 256,
-               batch_size: int = 32) -> torch.nn.Module:
+               transform: EvalTransform, images: int = 256, batch_size: int = 32,
+               float_layers: Sequence[str] | None = None) -> torch.nn.Module:
     """``quantize_int8`` of the loaded model, calibrated on centre crops of up to ``images``
-    evenly spaced files of ``calibration`` (unreadable ones are skipped)."""
-    from .quantize import quantize_int8
+    evenly spaced files of ``calibration`` (unreadable ones are skipped); ``float_layers``:
+    the layers kept in float32 (None: ``quantize.FLOAT_LAYERS``)."""
+    from .quantize import FLOAT_LAYERS, quantize_int8
+
+    float_layers = FLOAT_LAYERS if float_layers is None else tuple(float_layers)
+    loaded.model.check_layers(float_layers)  # before any image is read
 
     files = list(calibration)[:: max(1, len(calibration) // images)][:images]
 
@@ -86,16 +90,18 @@ def int8_model(loaded: LoadedModel, calibration: Sequence[str | os.PathLike],
         if crops:
             yield loaded.preprocessing.normalize(torch.cat(crops))
 
-    return quantize_int8(loaded.model, batches())
+    return quantize_int8(loaded.model, batches(), float_layers=float_layers)
 
 
 def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 5,
             dense: bool = False, scales: Sequence[int] | None = None, batch_size: int = 16,
             runtime: Runtime | None = None,
             int8_calibration: Sequence[str | os.PathLike] | None = None,
+            int8_float: Sequence[str] | None = None,
             progress: bool = False) -> list[Prediction]:
     """Top-k classes for each image file; an unreadable image gets an ``error``, not an
-    exception. ``progress``: a bar with the time left."""
+    exception. ``int8_float``: with ``int8_calibration``, the layers kept in float32.
+    ``progress``: a bar with the time left."""
     crop = loaded.model.config.crop_size
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -109,7 +115,7 @@ def predict(loaded: LoadedModel, paths: Iterable[str | os.PathLike], top: int = 
             raise ValueError("int8 runs crop-sized input only: use the centre crop (no --dense) "
                              "with --int8")
         # before prepare_inference changes the model
-        int8 = int8_model(loaded, int8_calibration, centre)
+        int8 = int8_model(loaded, int8_calibration, centre, float_layers=int8_float)
     else:
         rt.prepare_inference(loaded.model)
     whole = [EvalTransform(q, None) for q in scales]
@@ -188,10 +194,13 @@ def predict_command(s: PredictSettings) -> int:
         check_writable_output(s.out, "predictions", PREDICTION_SUFFIXES)
     paths = list_images(s.images)
     loaded = require_classifier(load_model(s.weights), s.weights)
+    if s.int8_float is not None and not s.int8:
+        raise ValueError("--int8-float chooses the float32 layers of the int8 model: give "
+                         "--int8 CALIBRATION_DIR with it")
     calibration = list_images([s.int8]) if s.int8 else None
     preds = predict(loaded, paths, top=s.top, dense=s.dense, scales=s.scales,
                     runtime=make_runtime(s.device, s.precision), int8_calibration=calibration,
-                    progress=s.progress and len(paths) > 1)
+                    int8_float=s.int8_float, progress=s.progress and len(paths) > 1)
     bad = [BadFile(p.path, p.error) for p in preds if p.error]
     if s.out is not None:
         scales = list(s.scales or [centre_crop_resize(loaded.model.config.crop_size)])

@@ -522,6 +522,10 @@ class PredictSettings:
                               "images under DIR (representative ones, e.g. training images): "
                               "CPU, centre crop only; about 2x the bf16 speed, less exact "
                               "(docs/benchmarks.md)", metavar="DIR")
+    int8_float: tuple[str, ...] | None = option(None, "with --int8: the layers kept in float32 "
+                                                "(default: conv1_1,fc8; `vggnet bench --items "
+                                                "int8curve` measures the choice on a model)",
+                                                metavar="LAYER,...")
     progress: bool = progress_option()
 
 
