@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench_timing import Peak, Result, interleaved, settled, sync
+from .bench_timing import Peak, Result, best_peak, interleaved, settled, sync
 from .engines import ENGINES
 from .info import summarize
 from .model import VGGConfig, build
@@ -119,11 +119,8 @@ def _onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> Callable | None:
 
 def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, repeats: int) -> Peak:
     """The best GFLOP/s of an n x n x n matmul in ``dtype`` (median of ``repeats``)."""
-    fns = matmul_candidates(dtype, n, device)
-    t = interleaved(fns, repeats, device)
-    gf = {k: 2 * n**3 / s / 1e9 for k, s in t.items()}
-    best = max(gf, key=gf.get)
-    return Peak(str(dtype).removeprefix("torch."), gf[best], best, gf, fns[best], 2.0 * n**3)
+    return best_peak(str(dtype).removeprefix("torch."), matmul_candidates(dtype, n, device), n,
+                     repeats, device)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -564,8 +561,7 @@ def _item_int8(c: Context) -> Iterator[Result]:
     if peak is None:
         c.log("int8 matmul peak: not measured, this torch has no int8 matmul")
     else:
-        alts = ", ".join(f"{k} {v:.0f}" for k, v in peak.all.items())
-        c.log(f"int8 matmul peak (n={c.s.matmul_n}): {peak.gflops:.0f} GOP/s ({alts})")
+        c.log(peak.line("int8 matmul peak", c.s.matmul_n, "GOP/s"))
     yield bench_int8.speed(cfg, _label(cfg), c.rt, batch, c.s.repeats, peak, forward_flops(cfg))
     yield from (r for r in _item_agreement(c, int8=True) if "int8" in r.item)
 
@@ -582,10 +578,10 @@ def _item_int8curve(c: Context) -> Iterator[Result]:
 
     cfg = _config(c.s)
     ts = trained_set(*c.trained, calibration_images=3 * CALIBRATION_IMAGES)
-    c.log(f"int8 curve: ranking the layers of {_label(ts.loaded.model.config)}, then 3 "
-          "calibrations per variant")
-    yield from bench_int8.curve(ts, _label(ts.loaded.model.config), c.rt, cfg, _label(cfg),
-                                max(c.s.inference_batches), c.s.repeats)
+    trained = _label(ts.loaded.model.config)
+    c.log(f"int8 curve: ranking the layers of {trained}, then 3 calibrations per variant")
+    yield from bench_int8.curve(ts, trained, c.rt, cfg, _label(cfg), max(c.s.inference_batches),
+                                c.s.repeats)
 
 
 def _item_peers(c: Context) -> Iterator[Result]:
@@ -646,8 +642,7 @@ def measure_peaks(s: Settings, rt: Runtime, log: Callable[[str], None]) -> dict[
     for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
         p = matmul_peak(dtype, s.matmul_n, rt.device, s.repeats)
         peaks[p.dtype] = p
-        alts = ", ".join(f"{k} {v:.0f}" for k, v in p.all.items())
-        log(f"matmul peak {p.dtype} (n={s.matmul_n}): {p.gflops:.0f} GFLOP/s ({alts})")
+        log(p.line(f"matmul peak {p.dtype}", s.matmul_n))
     return peaks
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .bench_timing import Peak, Result, interleaved, settled
+from .bench_timing import Peak, Result, best_peak, interleaved, settled
 from .model import VGG, VGGConfig, build
 from .quantize import (
     FLOAT_LAYERS,
@@ -82,12 +82,7 @@ def int8_peak(n: int, repeats: int) -> Peak | None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated")
         fns = int8_matmul_candidates(n)
-        if not fns:
-            return None
-        t = interleaved(fns, repeats, CPU)
-    ops = {k: 2 * n**3 / s / 1e9 for k, s in t.items()}
-    best = max(ops, key=ops.get)
-    return Peak("int8", ops[best], best, ops, fns[best], 2.0 * n**3)
+        return best_peak("int8", fns, n, repeats, CPU) if fns else None
 
 
 def _timed(model, x: torch.Tensor, ctx=torch.no_grad) -> Callable[[], object]:
@@ -166,10 +161,11 @@ def curve(ts, trained_label: str, rt: Runtime, cfg: VGGConfig, label: str, batch
     g = torch.Generator().manual_seed(1)
     shape = (batch, 3, cfg.crop_size, cfg.crop_size)
     x, c = torch.randn(shape, generator=g), [torch.randn(shape, generator=g)]
+    kept = [[n for n in v if n in have] for v in rows]
     ours = rt.prepare_inference(copy.deepcopy(net))
     fns = {"ours": _timed(ours, rt.input(x), rt.inference)}
-    for i, v in enumerate(rows):
-        fns[i] = _timed(quantize_int8(net, c, float_layers=[n for n in v if n in have]), x)
+    for i, v in enumerate(kept):
+        fns[i] = _timed(quantize_int8(net, c, float_layers=v), x)
     t = interleaved(fns, repeats, CPU, warmup=settled())
     ranked = ", ".join(f"{n} {s:.1e}" for n, s in sensitivity.items())
     out = []
@@ -178,7 +174,7 @@ def curve(ts, trained_label: str, rt: Runtime, cfg: VGGConfig, label: str, batch
         notes = [f"agreement over {k} calibration sets of about {len(ts.calibration) // k} "
                  f"training images each: {min(a):.1f}-{max(a):.1f}%",
                  f"{label} batch {batch} with those layers in float32 "
-                 f"({', '.join(n for n in v if n in have) or 'none'}): {batch / t[i]:.3g} img/s, "
+                 f"({', '.join(kept[i]) or 'none'}): {batch / t[i]:.3g} img/s, "
                  f"{t['ours'] / t[i]:.2f}x the default path"]
         if i == 0:
             notes.append(f"the default path ({rt.describe()}) in the same turns: "

@@ -50,6 +50,21 @@ class Peak:
     fn: Callable[[], object] = field(repr=False, default=None)
     flops: float = 0.0
 
+    def line(self, name: str, n: int, ops: str = "GFLOP/s") -> str:
+        """The log line: "<name> (n=N): <rate> <ops> (<each candidate's rate>)"."""
+        alts = ", ".join(f"{k} {v:.0f}" for k, v in self.all.items())
+        return f"{name} (n={n}): {self.gflops:.0f} {ops} ({alts})"
+
+
+def best_peak(dtype: str, fns: dict[str, Callable[[], object]], n: int, repeats: int,
+              device: torch.device) -> Peak:
+    """The fastest of ``fns``, each an n x n x n matmul, timed in turns (median of
+    ``repeats``), as a Peak in G(FL)OP/s."""
+    t = interleaved(fns, repeats, device)
+    rate = {k: 2 * n**3 / s / 1e9 for k, s in t.items()}
+    best = max(rate, key=rate.get)
+    return Peak(dtype, rate[best], best, rate, fns[best], 2.0 * n**3)
+
 
 # --- timing -------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:

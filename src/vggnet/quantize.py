@@ -197,7 +197,7 @@ class Int8VGG(nn.Module):
         from .fuse import keep_freed_memory
 
         keep_freed_memory()  # as prepare_inference does: no fresh pages for each pass
-        self.packed = _pack_float_convs(graph.features, graph, input_size)
+        self.packed = _pack_float_convs(graph, input_size)
         self.packed += _pack_float_linears(graph.classifier, input_size[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, crop, crop) -> logits
@@ -216,12 +216,13 @@ def _float_layer(layer: nn.Module, kind: type) -> tuple[nn.Module, bool] | None:
     return None
 
 
-def _pack_float_convs(features: nn.Module, graph: nn.Module,
-                      input_size: tuple[int, ...]) -> list[str]:
-    """Each float conv of ``features`` becomes a ``fuse.PackedConv2d`` laid out for the input
-    size it meets (found by one pass of zeros); returns the names replaced."""
+def _pack_float_convs(graph: nn.Module, input_size: tuple[int, ...]) -> list[str]:
+    """Each float conv of ``graph.features`` becomes a ``fuse.PackedConv2d`` laid out for the
+    input size it meets (found by one pass of zeros through ``graph``); returns the names
+    replaced."""
     from .fuse import PackedConv2d, packing_works
 
+    features = graph.features
     convs = {name: fc for name, layer in features.named_children()
              if (fc := _float_layer(layer, nn.Conv2d)) is not None}
     if not convs or packing_works(torch.float32) is not None:
